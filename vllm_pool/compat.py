@@ -1,0 +1,202 @@
+"""Every place vllm-pool touches vLLM internals, and what differs between versions.
+
+vllm-pool supports vLLM 0.26 through 0.32. The rest of the package reaches vLLM's
+internals only through this module, so a new vLLM release is checked here first:
+`REQUIRED_SYMBOLS` is verified at start-up (`check_vllm()`), and each helper below names
+the version difference it hides.
+
+Differences handled here (0.26 -> 0.32):
+- `MessageQueue.__init__` gained `enable_shm_tensor_arena` (0.32).
+- `MultiprocExecutor` picks a `file://` store for torch.distributed (0.32) instead of a
+  loopback tcp port (0.26); we pick the same way when vLLM offers the helper.
+- `WorkerProc.worker_busy_loop` runs each RPC through `_execute_worker_rpc` (0.32) or
+  inline (0.26); we only call `worker_busy_loop`, which both have.
+- Module globals that outlive an attach (see `reset_vllm_globals`).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+from typing import Any
+
+SUPPORTED = ((0, 26), (0, 32))
+SUPPORTED_STR = "0.26-0.32"
+
+# (module, attribute) pairs the project relies on. Checked before any pool worker starts.
+REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc"),
+    ("vllm.v1.executor.multiproc_executor", "FutureWrapper"),
+    ("vllm.v1.executor.abstract", "Executor"),
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue"),
+    ("vllm.distributed.device_communicators.shm_broadcast", "Handle"),
+    ("vllm.distributed.parallel_state", "_group_name_counter"),
+    ("vllm.distributed.parallel_state", "_groups"),
+    ("vllm.distributed.parallel_state", "cleanup_dist_env_and_memory"),
+    ("vllm.distributed", "destroy_model_parallel"),
+    ("vllm.distributed", "destroy_distributed_environment"),
+    ("vllm.platforms.interface", "_assigned_physical_gpu_ids"),
+    ("vllm.envs", "disable_envs_cache"),
+    ("vllm.utils.network_utils", "get_distributed_init_method"),
+    ("vllm.utils.network_utils", "get_loopback_ip"),
+    ("vllm.utils.network_utils", "get_open_port"),
+    ("vllm.utils.network_utils", "get_ip"),
+    ("vllm.entrypoints.openai.api_server", "run_server"),
+    ("vllm.entrypoints.cli.main", "main"),
+    ("vllm.engine.arg_utils", "AsyncEngineArgs"),
+)
+
+
+class UnsupportedVLLM(RuntimeError):
+    pass
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return getattr(vllm, "__version__", "unknown")
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = v.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def check_vllm() -> str:
+    """Stop early, with one clear message, on a vLLM this pool cannot drive."""
+    v = vllm_version()
+    vt = _version_tuple(v)
+    if not (SUPPORTED[0] <= vt <= SUPPORTED[1]):
+        raise UnsupportedVLLM(
+            f"vLLM {v} is not supported by this vllm-pool: version out of range; "
+            f"supported: {SUPPORTED_STR}")
+    for mod, attr in REQUIRED_SYMBOLS:
+        try:
+            ok = hasattr(importlib.import_module(mod), attr)
+        except ImportError:
+            ok = False
+        if not ok:
+            raise UnsupportedVLLM(
+                f"vLLM {v} is not supported by this vllm-pool: {mod}.{attr} missing; "
+                f"supported: {SUPPORTED_STR}")
+    return v
+
+
+def make_broadcast_mq(world_size: int, local_world_size: int, parallel_config: Any):
+    """The executor's scheduler-output broadcast queue, as MultiprocExecutor makes it."""
+    import vllm.envs as envs
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+    from vllm.utils.network_utils import get_ip
+
+    kwargs: dict[str, Any] = dict(
+        max_chunk_bytes=envs.VLLM_MQ_MAX_CHUNK_BYTES_MB * 1024 * 1024,
+        connect_ip=get_ip(),
+    )
+    if hasattr(parallel_config, "enable_shm_tensor_arena"):  # 0.32
+        kwargs["enable_shm_tensor_arena"] = parallel_config.enable_shm_tensor_arena
+    return MessageQueue(world_size, local_world_size, **kwargs)
+
+
+def distributed_init_method(run_dir: str) -> str:
+    """torch.distributed rendezvous for the attached workers.
+
+    0.32 uses a file store (no port to race for); we put it in the instance's run
+    directory so it is removed with the instance. 0.26 keeps vLLM's loopback tcp.
+    """
+    from vllm.utils import network_utils as nu
+
+    if hasattr(nu, "get_file_store_init_method") and not (
+            hasattr(nu, "aiter_requires_tcp_store") and nu.aiter_requires_tcp_store()):
+        return f"file://{os.path.join(run_dir, 'dist_store')}"
+    return nu.get_distributed_init_method(nu.get_loopback_ip(), nu.get_open_port())
+
+
+def shm_names_of_handle(handle: Any) -> list[str]:
+    """Shared-memory segment names a MessageQueue handle refers to (for reclaim)."""
+    names = []
+    buf = getattr(handle, "buffer_handle", None)
+    if buf is not None and len(buf) >= 3 and isinstance(buf[2], str):
+        names.append(buf[2])
+    arena = getattr(handle, "tensor_arena_handle", None)  # 0.32
+    if arena is not None and isinstance(arena[-1], str):
+        names.append(arena[-1])
+    return names
+
+
+def reset_vllm_globals() -> None:
+    """Module globals that survive a detach and would poison the next attach."""
+    from vllm.distributed import parallel_state as ps
+    from vllm.platforms import interface
+
+    # A second attach would otherwise name its groups `tp:1`, which compiled graphs and
+    # custom ops keyed on group names do not expect.
+    ps._group_name_counter.clear()
+    ps._groups.clear()
+    # Raises if set twice to different values: the next attach may use other GPUs.
+    interface._assigned_physical_gpu_ids = None
+    try:  # P2P access results are per-GPU-pair; keep them valid but never stale.
+        from vllm.distributed.device_communicators import all_reduce_utils as aru
+
+        if hasattr(aru, "_gpu_p2p_access_cache"):
+            aru._gpu_p2p_access_cache = None
+    except ImportError:
+        pass
+    try:  # 0.32: registry of zero-copy tensor arenas, keyed by segment name.
+        from vllm.distributed.device_communicators import shm_tensor_arena as sta
+
+        sta._TENSOR_ARENAS.clear()
+    except (ImportError, AttributeError):
+        pass
+    try:  # NCCL allocator pool handle bound to the previous graphs.
+        from vllm.distributed.device_communicators import pynccl_allocator as pa
+
+        pa._graph_pool_id = None
+    except (ImportError, AttributeError):
+        pass
+    import vllm.envs as envs
+
+    envs.disable_envs_cache()
+
+
+def cpu_worker_spawn_env(core: int, threads: int = 1) -> dict[str, str]:
+    """Environment for a CPU pool worker bound to one core.
+
+    OpenMP reads its binding once per process, so it is fixed at spawn, as vLLM's
+    OMPProcessManager does for its own workers; and like vLLM's CPU platform we preload
+    torch's libgomp (else only one core is used under binding) and vLLM's tcmalloc.
+    """
+    import importlib.util
+
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "OMP_PLACES": "{" + ",".join(str(core + i) for i in range(threads)) + "}",
+        "OMP_PROC_BIND": "true",
+    }
+    preload = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    spec_t = importlib.util.find_spec("torch")
+    spec_v = importlib.util.find_spec("vllm")
+    if spec_t and spec_t.origin and not any("gomp" in p or "iomp" in p for p in preload):
+        torch_pkg = os.path.dirname(spec_t.origin)
+        cands = (glob.glob(os.path.join(os.path.dirname(torch_pkg), "torch.libs", "libgomp*.so*"))
+                 + glob.glob(os.path.join(torch_pkg, "lib", "libgomp*.so*")))
+        if cands:
+            preload.append(cands[0])
+    if spec_v and spec_v.origin and not any("tcmalloc" in p for p in preload):
+        vllm_libs = os.path.join(os.path.dirname(os.path.dirname(spec_v.origin)), "vllm", "libs")
+        for pat in ("libtcmalloc_minimal*.so*", "libtcmalloc.so*"):
+            cands = glob.glob(os.path.join(vllm_libs, pat))
+            if cands:
+                preload.insert(0, cands[0])
+                break
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    return env
+
+
+def api_server_module() -> str:
+    return "vllm.entrypoints.openai.api_server"

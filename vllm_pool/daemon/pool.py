@@ -1,0 +1,387 @@
+"""The pool: workers, instances, attach and detach. The HTTP layer only calls into here.
+
+Invariants kept under `self.lock`:
+- a worker is leased to at most one instance (the allocator only hands out IDLE ones,
+  and RESERVED is set in the same critical section);
+- every exit path of an attach (success, bad input, engine crash, worker crash,
+  timeout) leaves each of its workers IDLE again or respawning, the engine's process
+  group gone, and its shared memory and run directory removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from multiprocessing import shared_memory
+
+from vllm_pool import messages
+from vllm_pool.daemon import allocator
+from vllm_pool.daemon.workers import WorkerHandle
+from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
+from vllm_pool.states import InstanceState, WorkerState
+
+logger = logging.getLogger("vllm_pool.daemon")
+
+BUSY = (WorkerState.RESERVED, WorkerState.ATTACHING, WorkerState.SERVING,
+        WorkerState.DETACHING)
+
+
+class AttachError(Exception):
+    """The attach failed; the pool is as it was. `status` is the HTTP status."""
+
+    def __init__(self, msg: str, status: int = 400):
+        super().__init__(msg)
+        self.status = status
+
+
+@dataclass
+class PoolConfig:
+    devices: list[str]                      # "cuda:<visible idx>" or "cpu:<core>"
+    visible_devices: str | None             # CUDA_VISIBLE_DEVICES for workers and engines
+    run_dir: str
+    log_dir: str
+    engine_host: str = "127.0.0.1"
+    memory_slack_mib: int = 256
+    worker_start_timeout: float = 300.0
+
+
+@dataclass
+class Instance:
+    id: str
+    name: str
+    model: str
+    tp: int
+    pp: int
+    port: int
+    host: str
+    args: list[str]
+    slots: list[int]
+    token: str
+    run_dir: str
+    log_path: str
+    state: InstanceState = InstanceState.ATTACHING
+    created_at: float = field(default_factory=time.time)
+    ready_at: float | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    engine: EngineProcess | None = None
+    shm_names: set[str] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class Pool:
+    def __init__(self, cfg: PoolConfig):
+        self.cfg = cfg
+        self.lock = threading.RLock()
+        self.authkey = secrets.token_hex(32)
+        self.instances: dict[str, Instance] = {}
+        self.stopping = False
+        os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        self.workers: dict[int, WorkerHandle] = {}
+        for slot, dev in enumerate(cfg.devices):
+            self.workers[slot] = WorkerHandle(
+                slot, dev, os.path.join(cfg.run_dir, f"worker-{slot}.sock"), self.authkey,
+                self._spawn_env(slot, dev), self._on_event, self._on_worker_exit,
+                os.path.join(cfg.log_dir, f"worker-{slot}.log"), cfg.memory_slack_mib)
+
+    # ---- start and stop -------------------------------------------------------------
+    def _spawn_env(self, slot: int, device: str) -> dict[str, str]:
+        if device.startswith("cpu:"):
+            from vllm_pool import compat
+
+            return compat.cpu_worker_spawn_env(int(device.split(":")[1]))
+        # See all pool GPUs (P2P checks and custom all-reduce need the peers), make a
+        # context on one.
+        return {"CUDA_VISIBLE_DEVICES": self.cfg.visible_devices or ""}
+
+    def start(self) -> None:
+        for w in self.workers.values():
+            w.spawn()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        timeout = timeout or self.cfg.worker_start_timeout
+        for w in self.workers.values():
+            w.wait_for(lambda w: w.state != WorkerState.STARTING, timeout)
+            if w.state != WorkerState.IDLE:
+                raise RuntimeError(f"pool worker {w.slot} ({w.device}) did not start: "
+                                   f"{w.error or w.state.value}; see {w.log_path}")
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self.stopping = True
+            instances = list(self.instances.values())
+        for inst in instances:
+            self._stop_engine(inst)
+        for w in self.workers.values():
+            w.stop()
+        for inst in instances:
+            self._reclaim(inst)
+        shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
+
+    # ---- events from workers ----------------------------------------------------------
+    def _on_event(self, w: WorkerHandle, ev: messages.Event) -> None:
+        inst = self.instances.get(ev.instance_id) if ev.instance_id else None
+        if inst is not None and ev.shm_names:
+            inst.shm_names.update(ev.shm_names)
+        if ev.state == WorkerState.FAILED and inst is not None:
+            self._fail_instance(inst, f"worker {w.slot} failed: {ev.error}")
+
+    def _on_worker_exit(self, w: WorkerHandle, rc: int) -> None:
+        if self.stopping:
+            return
+        with self.lock:
+            inst = next((i for i in self.instances.values() if w.slot in i.slots
+                         and i.state in (InstanceState.ATTACHING, InstanceState.SERVING)), None)
+        logger.warning("pool worker %d (pid %s) exited with %s; respawning", w.slot, w.pid, rc)
+        if inst is not None:
+            self._fail_instance(inst, f"worker {w.slot} (pid {w.pid}) died with exit code {rc}")
+        w.spawn()
+
+    def _fail_instance(self, inst: Instance, reason: str) -> None:
+        """A serving instance lost a process: stop what is left, reclaim, keep it listed."""
+        with self.lock:
+            if inst.state not in (InstanceState.ATTACHING, InstanceState.SERVING):
+                return
+            attaching = inst.state == InstanceState.ATTACHING
+            inst.state = InstanceState.FAILED
+            inst.error = reason
+        logger.error("instance %s (%s) failed: %s", inst.name, inst.id, reason)
+        if attaching:
+            return  # the attach thread sees FAILED and cleans up itself
+        threading.Thread(target=self._cleanup_failed, args=(inst,), daemon=True).start()
+
+    def _cleanup_failed(self, inst: Instance) -> None:
+        self._stop_engine(inst)
+        self._reclaim(inst)
+
+    # ---- attach --------------------------------------------------------------------------
+    def attach(self, model: str, tp: int = 1, pp: int = 1, name: str | None = None,
+               port: int | None = None, devices: list[str] | None = None,
+               args: list[str] | None = None, timeout: float = 900.0) -> Instance:
+        t0 = time.perf_counter()
+        args = list(args or [])
+        _check_args(args)
+        n = tp * pp
+        iid = uuid.uuid4().hex[:12]
+        with self.lock:
+            if self.stopping:
+                raise AttachError("the pool is shutting down", 503)
+            name = name or iid
+            if any(i.name == name for i in self.instances.values()):
+                raise AttachError(f"an instance named {name!r} already exists", 409)
+            if port is not None and (any(i.port == port for i in self.instances.values())
+                                     or not _port_free(self.cfg.engine_host, port)):
+                raise AttachError(f"port {port} is in use", 409)
+            states = {s: w.state for s, w in self.workers.items()}
+            devs = {s: w.device for s, w in self.workers.items()}
+            try:
+                slots = allocator.reserve(states, devs, n, devices)
+            except allocator.NoCapacity as e:
+                raise AttachError(str(e), 409) from None
+            port = port or _free_port(self.cfg.engine_host,
+                                      {i.port for i in self.instances.values()})
+            run_dir = os.path.join(self.cfg.run_dir, f"inst-{iid}")
+            inst = Instance(id=iid, name=name, model=model, tp=tp, pp=pp, port=port,
+                            host=self.cfg.engine_host, args=args, slots=slots,
+                            token=secrets.token_hex(16), run_dir=run_dir,
+                            log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"))
+            for s in slots:
+                self.workers[s]._set(WorkerState.RESERVED, instance_id=iid)
+                self.workers[s].send(messages.Lease(instance_id=iid, token=inst.token))
+            self.instances[iid] = inst
+        inst.phases["reserve"] = time.perf_counter() - t0
+        logger.info("attaching %s as %s (TP=%d PP=%d) on workers %s, port %d",
+                    model, name, tp, pp, slots, port)
+        try:
+            self._launch_and_wait(inst, timeout)
+        except AttachError as e:
+            self._abort_attach(inst, str(e))
+            raise
+        except BaseException as e:
+            self._abort_attach(inst, f"{type(e).__name__}: {e}")
+            raise
+        return inst
+
+    def _launch_and_wait(self, inst: Instance, timeout: float) -> None:
+        os.makedirs(inst.run_dir, mode=0o700, exist_ok=True)
+        workers = [self.workers[s] for s in inst.slots]
+        lease = messages.LeaseInfo(
+            instance_id=inst.id, token=inst.token, authkey=self.authkey,
+            workers=[messages.WorkerAddress(w.slot, w.device, w.socket_path) for w in workers])
+        env = dict(os.environ)
+        env[messages.LEASE_ENV] = lease.to_json()
+        env[messages.RUN_DIR_ENV] = inst.run_dir
+        env["VLLM_RPC_BASE_PATH"] = inst.run_dir   # zmq ipc sockets die with the instance
+        device_ids = None
+        if self.cfg.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.cfg.visible_devices
+            device_ids = [int(w.device.split(":")[1]) for w in workers]
+        argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, inst.args,
+                           device_ids)
+        t_launch = time.perf_counter()
+        inst.engine = EngineProcess(argv, env, inst.log_path)
+        deadline = time.monotonic() + timeout
+        t_reached = t_served = None
+        while True:
+            if inst.state == InstanceState.FAILED:
+                raise AttachError(f"attach failed: {inst.error}", 500)
+            if not inst.engine.alive():
+                raise AttachError("engine exited during start-up: "
+                                  + failure_reason(inst.engine.log_tail()), 400)
+            if t_reached is None and any(w.state in (WorkerState.ATTACHING, WorkerState.SERVING)
+                                         for w in workers):
+                t_reached = time.perf_counter()
+            if t_served is None and all(w.state == WorkerState.SERVING for w in workers):
+                t_served = time.perf_counter()
+            if t_served is not None and health_ok(inst.url):
+                break
+            if time.monotonic() > deadline:
+                raise AttachError(f"engine not ready after {timeout:.0f}s; see {inst.log_path}",
+                                  504)
+            time.sleep(0.02)
+        now = time.perf_counter()
+        rank0 = workers[0].phases
+        inst.phases.update({k: round(v, 4) for k, v in rank0.items()})
+        inst.phases["engine_start"] = (t_reached or t_served) - t_launch
+        inst.phases["ready"] = now - t_served
+        inst.phases["total"] = now - t_launch + inst.phases["reserve"]
+        with self.lock:
+            if inst.state != InstanceState.ATTACHING:
+                raise AttachError(f"attach failed: {inst.error}", 500)
+            inst.state = InstanceState.SERVING
+            inst.ready_at = time.time()
+        threading.Thread(target=self._watch_engine, args=(inst,), daemon=True,
+                         name=f"PoolEngineWatch-{inst.id}").start()
+        logger.info("instance %s serving at %s after %.2fs", inst.name, inst.url,
+                    inst.phases["total"])
+
+    def _abort_attach(self, inst: Instance, reason: str) -> None:
+        """Undo a failed attach completely: the pool is left as it was."""
+        logger.error("attach of %s failed: %s", inst.model, reason)
+        with self.lock:
+            inst.state = InstanceState.FAILED
+            inst.error = reason
+        self._stop_engine(inst)
+        self._reclaim(inst)
+        with self.lock:
+            self.instances.pop(inst.id, None)
+
+    def _watch_engine(self, inst: Instance) -> None:
+        rc = inst.engine.proc.wait()
+        if inst.state == InstanceState.SERVING:
+            self._fail_instance(inst, f"engine exited with code {rc}: "
+                                      + failure_reason(inst.engine.log_tail()))
+
+    # ---- detach --------------------------------------------------------------------------
+    def detach(self, ref: str) -> Instance:
+        with self.lock:
+            inst = self.find(ref)
+            if inst is None:
+                raise KeyError(ref)
+            if inst.state in (InstanceState.DETACHING, InstanceState.ATTACHING):
+                raise AttachError(f"instance {inst.name} is {inst.state.value}", 409)
+            was_failed = inst.state == InstanceState.FAILED
+            inst.state = InstanceState.DETACHING
+        t0 = time.perf_counter()
+        self._stop_engine(inst)
+        self._reclaim(inst)
+        with self.lock:
+            self.instances.pop(inst.id, None)
+            inst.state = InstanceState.FAILED if was_failed else InstanceState.DETACHED
+        inst.phases["detach"] = time.perf_counter() - t0
+        logger.info("instance %s detached in %.2fs", inst.name, inst.phases["detach"])
+        return inst
+
+    def _stop_engine(self, inst: Instance) -> None:
+        if inst.engine is not None:
+            inst.engine.stop()
+
+    def _reclaim(self, inst: Instance, timeout: float = 60.0) -> None:
+        """Return the instance's workers to IDLE (or respawn them) and remove its
+        shared memory and sockets. Called after the engine's process group is gone."""
+        for s in inst.slots:
+            w = self.workers[s]
+            if w.instance_id != inst.id and w.state not in (WorkerState.RESERVED,):
+                continue
+            if w.state == WorkerState.RESERVED:
+                w.send(messages.Release(instance_id=inst.id))
+                w._set(WorkerState.IDLE, instance_id=None)
+            elif w.state in (WorkerState.ATTACHING, WorkerState.SERVING, WorkerState.DETACHING):
+                # The engine is gone, so the worker saw EOF; Abort is the backstop.
+                w.send(messages.Abort(instance_id=inst.id))
+        for s in inst.slots:
+            w = self.workers[s]
+            ok = w.wait_for(lambda w: w.instance_id != inst.id or w.state in
+                            (WorkerState.IDLE, WorkerState.FAILED, WorkerState.STARTING,
+                             WorkerState.STOPPED), timeout)
+            if not ok and not self.stopping:
+                logger.error("worker %d did not return from %s; killing it", s, inst.id)
+                w.kill()
+                w.wait_for(lambda w: w.state != WorkerState.DETACHING and w.pid is not None,
+                           timeout)
+        for name in inst.shm_names:
+            _unlink_shm(name)
+        shutil.rmtree(inst.run_dir, ignore_errors=True)
+
+    # ---- queries ---------------------------------------------------------------------------
+    def find(self, ref: str) -> Instance | None:
+        with self.lock:
+            if ref in self.instances:
+                return self.instances[ref]
+            return next((i for i in self.instances.values() if i.name == ref), None)
+
+
+def _check_args(args: list[str]) -> None:
+    """Arguments the pool owns: reject them with a clear reason instead of a broken engine."""
+    owned = {"--distributed-executor-backend": "the pool always uses its own executor",
+             "--port": "use the attach `port` field", "--host": "engines bind to the pool's host",
+             "--model": "use the attach `model` field",
+             "--tensor-parallel-size": "use `tp`", "-tp": "use `tp`",
+             "--pipeline-parallel-size": "use `pp`", "-pp": "use `pp`",
+             "--device-ids": "use `devices`", "--data-parallel-size": "not supported by the pool",
+             "-dp": "not supported by the pool"}
+    for a in args:
+        key = a.split("=", 1)[0]
+        if key in owned:
+            raise AttachError(f"argument {key} is not allowed here: {owned[key]}", 422)
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port(host: str, taken: set[int]) -> int:
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            p = s.getsockname()[1]
+        if p not in taken:
+            return p
+
+
+def _unlink_shm(name: str) -> None:
+    try:
+        seg = shared_memory.SharedMemory(name=name)
+    except (FileNotFoundError, OSError, ValueError):
+        return
+    seg.close()
+    try:
+        seg.unlink()  # also drops the resource tracker's record of the open above
+    except (FileNotFoundError, OSError):
+        pass

@@ -1,0 +1,142 @@
+"""`vllm-pool serve`: start the workers, serve the control API, stop everything on exit."""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+logger = logging.getLogger("vllm_pool.daemon")
+
+API_KEY_ENV = "VLLM_POOL_API_KEY"
+
+
+def parse_gpus(spec: str) -> list[str]:
+    """'0-3', '0,2,5', 'all' -> physical GPU ids as strings."""
+    if spec == "all":
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 check=True).stdout
+            n = sum(1 for ln in out.splitlines() if ln.startswith("GPU "))
+        except (OSError, subprocess.CalledProcessError):
+            n = 0
+        if n == 0:
+            raise SystemExit("--gpus all: no GPU found (nvidia-smi -L)")
+        return [str(i) for i in range(n)]
+    ids: list[str] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            a, b = part.split("-", 1)
+            if not (a.isdigit() and b.isdigit()) or int(a) > int(b):
+                raise SystemExit(f"--gpus: bad range {part!r}")
+            ids += [str(i) for i in range(int(a), int(b) + 1)]
+        elif part.isdigit():
+            ids.append(part)
+        else:
+            raise SystemExit(f"--gpus: bad GPU id {part!r}")
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"--gpus: GPU listed twice in {spec!r}")
+    return ids
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gpus", help="GPUs the pool owns: 0-7, 0,1 or all")
+    g.add_argument("--cpu-slots", type=int, help="CPU pool: number of workers, one core each")
+    p.add_argument("--host", default="127.0.0.1", help="control API address (loopback default)")
+    p.add_argument("--port", type=int, default=8100, help="control API port")
+    p.add_argument("--api-key", default=None,
+                   help=f"key required on every control call (or ${API_KEY_ENV}); "
+                        "mandatory when --host is not a loopback address")
+    p.add_argument("--engine-host", default="127.0.0.1", help="address attached engines bind")
+    p.add_argument("--log-dir", default=None, help="worker and engine logs "
+                                                   "(default: ~/.cache/vllm-pool/logs)")
+    p.add_argument("--memory-slack-mib", type=int, default=256,
+                   help="device memory above the idle baseline a detached worker may keep")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(args: argparse.Namespace) -> int:
+    from vllm_pool.logs import configure_logging
+
+    configure_logging("PoolDaemon")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV)
+    if not _is_loopback(args.host) and not api_key:
+        raise SystemExit(f"--host {args.host} is not loopback: an API key is required "
+                         f"(--api-key or ${API_KEY_ENV})")
+    import uvicorn
+
+    from vllm_pool.daemon.api import build_app
+    from vllm_pool.daemon.pool import Pool, PoolConfig
+
+    if args.gpus is not None:
+        gpus = parse_gpus(args.gpus)
+        devices = [f"cuda:{i}" for i in range(len(gpus))]
+        visible = ",".join(gpus)
+    else:
+        if args.cpu_slots < 1 or args.cpu_slots > (os.cpu_count() or 1):
+            raise SystemExit(f"--cpu-slots must be 1..{os.cpu_count()}")
+        devices = [f"cpu:{i}" for i in range(args.cpu_slots)]
+        visible = None
+    run_dir = tempfile.mkdtemp(prefix=f"vllm-pool-{args.port}-")
+    log_dir = args.log_dir or os.path.join(os.path.expanduser("~"), ".cache", "vllm-pool", "logs")
+    pool = Pool(PoolConfig(devices=devices, visible_devices=visible, run_dir=run_dir,
+                           log_dir=log_dir, engine_host=args.engine_host,
+                           memory_slack_mib=args.memory_slack_mib))
+    app = build_app(pool)
+    if api_key:
+        _require_key(app, api_key)
+    t0 = time.perf_counter()
+    logger.info("starting %d pool workers on %s (logs in %s)", len(devices),
+                f"GPUs {visible}" if visible else "CPU cores", log_dir)
+    try:
+        pool.start()
+
+        def announce():
+            try:
+                pool.wait_ready()
+                logger.info("pool ready: %d workers in %.1fs; control API at http://%s:%d",
+                            len(devices), time.perf_counter() - t0, args.host, args.port)
+            except RuntimeError as e:
+                logger.error("%s", e)
+
+        threading.Thread(target=announce, daemon=True).start()
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run()
+    finally:
+        logger.info("stopping pool: detaching %d instances, stopping workers",
+                    len(pool.instances))
+        pool.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        logger.info("pool stopped")
+    return 0
+
+
+def _require_key(app, key: str) -> None:
+    from fastapi.responses import JSONResponse
+
+    expected = f"Bearer {key}".encode()
+
+    @app.middleware("http")
+    async def check_key(request, call_next):
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, expected):
+            return JSONResponse({"detail": "missing or wrong API key"}, status_code=401)
+        return await call_next(request)

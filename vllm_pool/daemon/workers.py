@@ -1,0 +1,153 @@
+"""The daemon's side of one pool worker process: spawn, command, events, reap, respawn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from vllm_pool import messages
+from vllm_pool.states import WorkerState
+
+logger = logging.getLogger("vllm_pool.daemon")
+
+
+class WorkerHandle:
+    def __init__(self, slot: int, device: str, socket_path: str, authkey: str,
+                 spawn_env: dict[str, str], on_event: Callable[["WorkerHandle", messages.Event], None],
+                 on_exit: Callable[["WorkerHandle", int], None], log_path: str,
+                 memory_slack_mib: int = 256):
+        self.slot = slot
+        self.device = device
+        self.socket_path = socket_path
+        self.authkey = authkey
+        self.spawn_env = spawn_env
+        self.on_event = on_event
+        self.on_exit = on_exit
+        self.log_path = log_path
+        self.memory_slack_mib = memory_slack_mib
+        self.state = WorkerState.STARTING
+        self.instance_id: str | None = None
+        self.pid: int | None = None
+        self.memory_bytes = 0
+        self.baseline_bytes = 0
+        self.warmup_s = 0.0
+        self.error: str | None = None
+        self.shm_names: list[str] = []
+        self.phases: dict[str, float] = {}
+        self.started_at = 0.0
+        self.restarts = -1
+        self.proc: subprocess.Popen | None = None
+        self._cmd_w = None
+        self._lock = threading.Lock()
+        self.changed = threading.Condition()
+
+    def spawn(self) -> None:
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        cmd_r, cmd_w = os.pipe()
+        evt_r, evt_w = os.pipe()
+        env = dict(os.environ)
+        env.update(self.spawn_env)
+        env["VLLM_POOL_AUTHKEY"] = self.authkey
+        argv = [sys.executable, "-m", "vllm_pool.worker.main", "--slot", str(self.slot),
+                "--device", self.device, "--socket", self.socket_path,
+                "--cmd-fd", str(cmd_r), "--evt-fd", str(evt_w),
+                "--memory-slack-mib", str(self.memory_slack_mib)]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, env=env, pass_fds=(cmd_r, evt_w), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        os.close(cmd_r)
+        os.close(evt_w)
+        self._cmd_w = os.fdopen(cmd_w, "wb", buffering=0)
+        self.pid = self.proc.pid
+        self.started_at = time.time()
+        self.restarts += 1
+        self._set(WorkerState.STARTING, instance_id=None, error=None)
+        threading.Thread(target=self._read_events, args=(evt_r, self.proc), daemon=True,
+                         name=f"PoolWorkerEvents-{self.slot}").start()
+
+    def _set(self, state: WorkerState, **kw) -> None:
+        with self.changed:
+            self.state = state
+            for k, v in kw.items():
+                setattr(self, k, v)
+            self.changed.notify_all()
+
+    def _read_events(self, fd: int, proc: subprocess.Popen) -> None:
+        with os.fdopen(fd, "rb") as f:
+            for line in f:
+                try:
+                    ev = messages.decode_event(line)
+                except msgspec.DecodeError:
+                    continue
+                self._set(ev.state, instance_id=ev.instance_id, memory_bytes=ev.memory_bytes,
+                          baseline_bytes=ev.baseline_bytes, warmup_s=ev.warmup_s,
+                          error=ev.error, **({"phases": ev.phases} if ev.phases else {}),
+                          **({"shm_names": ev.shm_names} if ev.shm_names else {}))
+                self.on_event(self, ev)
+        # EOF: the process is gone (or going). Reap it so no zombie stays.
+        rc = proc.wait()
+        if proc is self.proc:
+            self._set(WorkerState.FAILED if self.state != WorkerState.STOPPED else self.state,
+                      error=self.error or f"worker process exited with {rc}")
+            self.on_exit(self, rc)
+
+    def send(self, cmd: messages.Command) -> bool:
+        with self._lock:
+            try:
+                self._cmd_w.write(messages.encode(cmd))
+                return True
+            except (BrokenPipeError, OSError, AttributeError):
+                return False
+
+    def wait_for(self, pred: Callable[["WorkerHandle"], bool], timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not pred(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group (the worker and anything it started)."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Ask the worker to exit; kill it if it does not."""
+        if self.proc is None:
+            return
+        self.send(messages.Shutdown())
+        with self._lock:
+            if self._cmd_w is not None:
+                try:
+                    self._cmd_w.close()
+                except OSError:
+                    pass
+                self._cmd_w = None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.proc.wait()
+        self._set(WorkerState.STOPPED)
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)

@@ -1,0 +1,103 @@
+"""Start, watch and stop one attached engine (vLLM's API server plus its EngineCore)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+EXECUTOR = "vllm_pool.executor.PoolExecutor"
+
+
+def engine_argv(model: str, host: str, port: int, tp: int, pp: int, extra: list[str],
+                device_ids: list[int] | None) -> list[str]:
+    """`vllm serve` arguments for an attached engine; the user's own come last, except
+    the executor, which is always the pool's."""
+    argv = ["--model", model, "--host", host, "--port", str(port),
+            "--tensor-parallel-size", str(tp), "--pipeline-parallel-size", str(pp)]
+    if device_ids is not None:
+        argv += ["--device-ids", ",".join(str(d) for d in device_ids)]
+    return argv + list(extra) + ["--distributed-executor-backend", EXECUTOR]
+
+
+class EngineProcess:
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: str):
+        self.log_path = log_path
+        guard_r, self._guard_w = os.pipe()
+        log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_pool.engine.entry", "--parent-fd", str(guard_r),
+             "--", *argv],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(guard_r,), start_new_session=True)
+        log.close()
+        os.close(guard_r)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the engine's process group, SIGKILL it after `timeout`; reap."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # EngineCore may outlive the API server by a moment: sweep the group.
+        _wait_group_gone(self.pid, timeout)
+        try:
+            os.close(self._guard_w)
+        except OSError:
+            pass
+        return self.proc.wait()
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - n))
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def health_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def failure_reason(log_text: str) -> str:
+    """The most telling line of a failed engine's log: its last error."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if any(k in ln for k in ("Error:", "Error ", "error:", "Exception:")) and \
+                "Traceback" not in ln:
+            return ln[-600:]
+    return lines[-1][-600:] if lines else "engine exited without output"

@@ -1,0 +1,322 @@
+"""The pool worker process: warm, model-free, serving one attach at a time.
+
+Started by the daemon, one per device. It imports torch and vLLM, makes its device ready
+(GPU: a CUDA context on its own GPU while seeing all pool GPUs; CPU: OpenMP bound to its
+core by the spawn environment), reports IDLE and waits. An engine's executor connects to
+its Unix socket with the pool's key and sends an AttachRequest; the worker builds vLLM's
+WorkerProc in place, answers READY, runs vLLM's busy loop until the engine detaches or
+dies, tears everything down, checks it is clean and reports IDLE again, same PID.
+
+Channels: commands from the daemon arrive as JSON lines on --cmd-fd (EOF there means
+the daemon died: the worker exits, so no worker outlives its pool); events go back as
+JSON lines on --evt-fd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Client, Connection, Listener
+
+_T_START = time.perf_counter()
+
+import setproctitle  # noqa: E402  (cheap; lets ps show the slot while importing)
+
+logger = logging.getLogger("vllm_pool.worker")
+
+
+class Session:
+    """One attach: the executor's connection and how it ends."""
+
+    def __init__(self, conn: Connection, instance_id: str):
+        self.conn = conn
+        self.instance_id = instance_id
+        self.proc = None
+        self.ready = False
+        self.ended = threading.Event()
+        self.reason = ""
+        self.lock = threading.Lock()
+
+    def end(self, reason: str) -> None:
+        """Leave vLLM's busy loop: shut the reader side of the queues, as vLLM's own
+        death-pipe monitor does. Callable from any thread, more than once."""
+        with self.lock:
+            if not self.ended.is_set():
+                self.reason = reason
+                self.ended.set()
+            proc = self.proc
+        if proc is not None:
+            for mq in (proc.rpc_broadcast_mq, proc.worker_response_mq):
+                if mq is not None:
+                    mq.shutdown()
+
+
+class PoolWorker:
+    def __init__(self, args: argparse.Namespace):
+        self.slot = args.slot
+        self.device_spec = args.device
+        self.socket_path = args.socket
+        self.authkey = bytes.fromhex(os.environ.pop("VLLM_POOL_AUTHKEY"))
+        self.evt = os.fdopen(args.evt_fd, "wb", buffering=0)
+        self.cmd = os.fdopen(args.cmd_fd, "rb")
+        self.evt_lock = threading.Lock()
+        self.lease = None
+        self.session: Session | None = None
+        self.stopping = False
+        self.device = None
+        self.baseline = 0
+        self.warmup_s = 0.0
+        self.slack = int(args.memory_slack_mib) * 2**20
+
+    # ---- events ---------------------------------------------------------------
+    def emit(self, state, **kw) -> None:
+        from vllm_pool import messages
+        from vllm_pool.worker.reset import memory_in_use
+
+        ev = messages.StateChanged(state=state, pid=os.getpid(),
+                                   memory_bytes=memory_in_use(self.device),
+                                   baseline_bytes=self.baseline, warmup_s=self.warmup_s, **kw)
+        with self.evt_lock:
+            try:
+                self.evt.write(messages.encode(ev))
+            except (BrokenPipeError, OSError):
+                os._exit(0)  # the daemon is gone
+
+    # ---- start-up --------------------------------------------------------------
+    def warm_up(self) -> None:
+        import torch
+
+        from vllm_pool import compat
+
+        compat.check_vllm()
+        # Import what an attach would otherwise import on its critical path.
+        import vllm.v1.executor.multiproc_executor  # noqa: F401
+        import vllm.v1.worker.worker_base  # noqa: F401
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            import vllm.v1.worker.cpu_worker  # noqa: F401
+            self.device = torch.device("cpu")
+        else:
+            import vllm.v1.worker.gpu_worker  # noqa: F401
+            idx = int(self.device_spec.split(":")[1])
+            self.device = torch.device("cuda", idx)
+            torch.cuda.set_device(self.device)
+            torch.zeros(1, device=self.device)  # make the CUDA context now
+            torch.cuda.synchronize(self.device)
+        try:
+            import vllm.model_executor.models.llama  # noqa: F401  common architecture
+        except Exception:
+            pass
+        from vllm_pool.worker.reset import clean_check, memory_in_use
+
+        err = clean_check(self.device, 0, 1 << 62)
+        if err:
+            raise RuntimeError(err)
+        self.baseline = memory_in_use(self.device)
+        self.warmup_s = time.perf_counter() - _T_START
+
+    # ---- daemon commands ---------------------------------------------------------
+    def command_loop(self) -> None:
+        from vllm_pool import messages
+
+        for line in self.cmd:
+            try:
+                cmd = messages.decode_command(line)
+            except Exception as e:
+                logger.warning("bad command from daemon: %s", e)
+                continue
+            if isinstance(cmd, messages.Lease):
+                self.lease = cmd
+            elif isinstance(cmd, messages.Release):
+                if self.lease is not None and self.lease.instance_id == cmd.instance_id:
+                    self.lease = None
+                s = self.session
+                if s is not None and s.instance_id == cmd.instance_id:
+                    s.end("released")
+            elif isinstance(cmd, messages.Abort):
+                s = self.session
+                if s is not None and s.instance_id == cmd.instance_id:
+                    self._end_session(s, "aborted by the pool")
+            elif isinstance(cmd, messages.Shutdown):
+                self.shutdown("pool shutdown")
+        self.shutdown("daemon gone")  # EOF: never outlive the pool
+
+    def shutdown(self, reason: str) -> None:
+        self.stopping = True
+        s = self.session
+        if s is not None:
+            self._end_session(s, reason)
+        # Wake the accept() in the main thread.
+        try:
+            Client(self.socket_path, family="AF_UNIX", authkey=self.authkey).close()
+        except Exception:
+            pass
+        if reason == "daemon gone":
+            time.sleep(5)
+            os._exit(0)
+
+    def _end_session(self, s: Session, reason: str) -> None:
+        if not s.ready:
+            # vLLM's worker construction (distributed init, load) cannot be interrupted:
+            # a half-built worker is not trusted again. The daemon respawns this slot.
+            from vllm_pool.states import WorkerState
+
+            self.emit(WorkerState.FAILED, instance_id=s.instance_id,
+                      error=f"attach interrupted ({reason})")
+            os._exit(1)
+        s.end(reason)
+
+    # ---- attach ----------------------------------------------------------------
+    def watch(self, s: Session) -> None:
+        """The executor's connection is this attach's death pipe."""
+        from vllm_pool.messages import Detach
+
+        try:
+            while True:
+                msg = s.conn.recv()
+                if isinstance(msg, Detach):
+                    s.end(msg.reason)
+                    return
+        except (EOFError, OSError):
+            if not s.ended.is_set():
+                self._end_session(s, "engine connection closed")
+
+    def serve_attach(self, conn: Connection) -> None:
+        from vllm_pool.messages import AttachReply, AttachRequest
+        from vllm_pool.states import WorkerState
+        from vllm_pool.worker.proc import PoolWorkerProc
+        from vllm_pool.worker.reset import ProcessSnapshot, clean_check, teardown
+        from vllm_pool import compat
+
+        req = conn.recv()
+        if not isinstance(req, AttachRequest):
+            conn.close()
+            return
+        lease = self.lease
+        if lease is None or (lease.instance_id, lease.token) != (req.instance_id, req.token):
+            conn.send(AttachReply(ok=False, error=f"worker {self.slot} is not leased to "
+                                                  f"instance {req.instance_id}"))
+            conn.close()
+            return
+        s = Session(conn, req.instance_id)
+        self.session = s
+        phases: dict[str, float] = {}
+        shm = compat.shm_names_of_handle(req.input_shm_handle)
+        self.emit(WorkerState.ATTACHING, instance_id=s.instance_id, shm_names=shm)
+        snap = ProcessSnapshot.take()
+        snap.remember_worker_class(req.vllm_config)
+        os.environ.update(req.env)
+        threading.Thread(target=self.watch, args=(s,), daemon=True,
+                         name="PoolAttachWatch").start()
+
+        def init_done():
+            self.emit(WorkerState.SERVING, instance_id=s.instance_id, phases=dict(phases),
+                      shm_names=shm)
+
+        proc = None
+        error = None
+        try:
+            proc = PoolWorkerProc(req, phases, on_init_done=init_done)
+            shm += compat.shm_names_of_handle(proc.worker_response_mq.export_handle())
+            with s.lock:
+                s.proc = proc
+            s.ready = True
+            conn.send(AttachReply(ok=True,
+                                  response_handle=proc.worker_response_mq.export_handle(),
+                                  peer_response_handles=proc.peer_response_handles,
+                                  phases=dict(phases)))
+            self.emit(WorkerState.ATTACHING, instance_id=s.instance_id, shm_names=shm)
+            # Same order as vLLM's worker_main; the executor waits in the same order.
+            if not s.ended.is_set():
+                proc.rpc_broadcast_mq.wait_until_ready()
+                proc.worker_response_mq.wait_until_ready()
+            if not s.ended.is_set():
+                proc.worker_busy_loop()
+        except Exception as e:
+            if not s.ended.is_set():
+                error = f"{type(e).__name__}: {e}"
+                logger.error("attach %s failed on worker %d:\n%s", s.instance_id, self.slot,
+                             traceback.format_exc())
+                try:
+                    if not s.ready:
+                        conn.send(AttachReply(ok=False, error=error, phases=dict(phases)))
+                except Exception:
+                    pass
+        finally:
+            s.ready = True  # from here on, an abort just waits for this teardown
+            self.emit(WorkerState.DETACHING, instance_id=s.instance_id, error=error)
+            teardown(proc)
+            del proc
+            snap.restore()
+            setproctitle.setproctitle(f"vllm-pool-worker-{self.slot}")
+            try:
+                conn.close()
+            except Exception:
+                pass
+            self.session = None
+            self.lease = None
+        dirty = clean_check(self.device, self.baseline, self.slack)
+        if dirty:
+            self.emit(WorkerState.FAILED, instance_id=s.instance_id, error=f"unclean after "
+                                                                           f"detach: {dirty}")
+            os._exit(1)
+        self.emit(WorkerState.IDLE)
+
+    def run(self) -> None:
+        from vllm_pool.states import WorkerState
+
+        listener = Listener(self.socket_path, family="AF_UNIX", authkey=self.authkey)
+        os.chmod(self.socket_path, 0o600)
+        threading.Thread(target=self.command_loop, daemon=True, name="PoolCommands").start()
+        self.emit(WorkerState.IDLE)
+        logger.info("pool worker %d ready on %s in %.1fs", self.slot, self.device, self.warmup_s)
+        while not self.stopping:
+            try:
+                conn = listener.accept()
+            except Exception as e:  # bad key or a client that went away
+                logger.warning("rejected a connection: %s", e)
+                continue
+            if self.stopping:
+                conn.close()
+                break
+            try:
+                self.serve_attach(conn)
+            except Exception:
+                logger.exception("attach handling failed")
+                os._exit(1)
+        listener.close()
+        self.emit(WorkerState.STOPPED)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="vllm-pool-worker")
+    p.add_argument("--slot", type=int, required=True)
+    p.add_argument("--device", required=True, help="cuda:<visible index> or cpu:<core>")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--cmd-fd", type=int, required=True)
+    p.add_argument("--evt-fd", type=int, required=True)
+    p.add_argument("--memory-slack-mib", type=int, default=256)
+    args = p.parse_args(argv)
+    setproctitle.setproctitle(f"vllm-pool-worker-{args.slot}")
+    from vllm_pool.logs import configure_logging
+
+    configure_logging(f"PoolWorker{args.slot}")
+    w = PoolWorker(args)
+    try:
+        w.warm_up()
+    except Exception as e:
+        from vllm_pool.states import WorkerState
+
+        w.emit(WorkerState.FAILED, error=f"warm-up failed: {e}")
+        sys.exit(1)
+    w.run()
+
+
+if __name__ == "__main__":
+    main()
