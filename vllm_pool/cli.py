@@ -62,6 +62,8 @@ def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
     a.add_argument("--port", type=int, default=None, help="engine port (default: a free one)")
     a.add_argument("--name", default=None)
     a.add_argument("--devices", default=None, help="pin to devices, e.g. cuda:0,cuda:1")
+    a.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment for this engine (repeatable)")
     a.add_argument("--attach-timeout", type=float, default=900.0)
     a.add_argument("--json", action="store_true", help="print the instance as JSON")
     d = sub.add_parser("detach", help="stop an instance and return its workers")
@@ -79,7 +81,8 @@ def _fmt_phases(phases: dict) -> str:
 
 def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
     body = {"model": args.model, "tp": args.tp, "pp": args.pp, "name": args.name,
-            "port": args.port, "args": extra, "timeout_s": args.attach_timeout,
+            "port": args.port, "args": extra,
+            "env": dict(kv.split("=", 1) for kv in args.env if "=" in kv), "timeout_s": args.attach_timeout,
             "devices": args.devices.split(",") if args.devices else None}
     t0 = time.perf_counter()
     try:

@@ -102,7 +102,7 @@ def make_broadcast_mq(world_size: int, local_world_size: int, parallel_config: A
     return MessageQueue(world_size, local_world_size, **kwargs)
 
 
-def distributed_init_method(run_dir: str) -> str:
+def distributed_init_method(run_dir: str, instance_id: str) -> str:
     """torch.distributed rendezvous for the attached workers.
 
     0.32 uses a file store (no port to race for); we put it in the instance's run
@@ -112,8 +112,14 @@ def distributed_init_method(run_dir: str) -> str:
 
     if hasattr(nu, "get_file_store_init_method") and not (
             hasattr(nu, "aiter_requires_tcp_store") and nu.aiter_requires_tcp_store()):
-        return f"file://{os.path.join(run_dir, 'dist_store')}"
+        # vLLM's CPU communicator names its /dev/shm segments after this file's name
+        # (VLLM_DIST_IDENT): keep it unique per instance, and known to the daemon.
+        return f"file://{os.path.join(run_dir, dist_ident(instance_id))}"
     return nu.get_distributed_init_method(nu.get_loopback_ip(), nu.get_open_port())
+
+
+def dist_ident(instance_id: str) -> str:
+    return f"vllm_dist_pool_{instance_id}"
 
 
 def shm_names_of_handle(handle: Any) -> list[str]:

@@ -80,7 +80,8 @@ class PoolExecutor(MultiprocExecutor):
             raise RuntimeError(f"the pool leased {len(lease.workers)} workers but the engine "
                                f"needs world size {self.world_size} (TP x PP)")
 
-        init_method = compat.distributed_init_method(os.environ.get(RUN_DIR_ENV, "/tmp"))
+        init_method = compat.distributed_init_method(os.environ.get(RUN_DIR_ENV, "/tmp"),
+                                                     lease.instance_id)
         self.rpc_broadcast_mq = compat.make_broadcast_mq(
             self.world_size, self.local_world_size, self.parallel_config)
         handle = self.rpc_broadcast_mq.export_handle()

@@ -26,6 +26,8 @@ class AttachBody(BaseModel):
     devices: list[str] | None = Field(None, description="pin to these devices, rank order")
     args: list[str] = Field(default_factory=list, max_length=256,
                             description="any other `vllm serve` arguments")
+    env: dict[str, str] = Field(default_factory=dict, max_length=128,
+                                description="extra environment for this engine (VLLM_* etc.)")
     timeout_s: float = Field(900.0, gt=0, le=7200)
 
 
@@ -112,7 +114,8 @@ def build_app(pool: Pool) -> FastAPI:
         try:
             inst = await run_in_threadpool(
                 pool.attach, body.model, tp=body.tp, pp=body.pp, name=body.name,
-                port=body.port, devices=body.devices, args=body.args, timeout=body.timeout_s)
+                port=body.port, devices=body.devices, args=body.args, env=body.env,
+                timeout=body.timeout_s)
         except AttachError as e:
             raise HTTPException(e.status, str(e)) from None
         return instance_info(pool, inst)

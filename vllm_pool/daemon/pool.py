@@ -10,6 +10,7 @@ Invariants kept under `self.lock`:
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import secrets
@@ -19,7 +20,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from multiprocessing import shared_memory
 
 from vllm_pool import messages
 from vllm_pool.daemon import allocator
@@ -62,6 +62,7 @@ class Instance:
     port: int
     host: str
     args: list[str]
+    env: dict[str, str]
     slots: list[int]
     token: str
     run_dir: str
@@ -168,10 +169,12 @@ class Pool:
     # ---- attach --------------------------------------------------------------------------
     def attach(self, model: str, tp: int = 1, pp: int = 1, name: str | None = None,
                port: int | None = None, devices: list[str] | None = None,
-               args: list[str] | None = None, timeout: float = 900.0) -> Instance:
+               args: list[str] | None = None, env: dict[str, str] | None = None,
+               timeout: float = 900.0) -> Instance:
         t0 = time.perf_counter()
         args = list(args or [])
-        _check_args(args)
+        env = dict(env or {})
+        _check_args(args, env)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
         with self.lock:
@@ -193,7 +196,7 @@ class Pool:
                                       {i.port for i in self.instances.values()})
             run_dir = os.path.join(self.cfg.run_dir, f"inst-{iid}")
             inst = Instance(id=iid, name=name, model=model, tp=tp, pp=pp, port=port,
-                            host=self.cfg.engine_host, args=args, slots=slots,
+                            host=self.cfg.engine_host, args=args, env=env, slots=slots,
                             token=secrets.token_hex(16), run_dir=run_dir,
                             log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"))
             for s in slots:
@@ -220,6 +223,7 @@ class Pool:
             instance_id=inst.id, token=inst.token, authkey=self.authkey,
             workers=[messages.WorkerAddress(w.slot, w.device, w.socket_path) for w in workers])
         env = dict(os.environ)
+        env.update(inst.env)
         env[messages.LEASE_ENV] = lease.to_json()
         env[messages.RUN_DIR_ENV] = inst.run_dir
         env["VLLM_RPC_BASE_PATH"] = inst.run_dir   # zmq ipc sockets die with the instance
@@ -330,7 +334,12 @@ class Pool:
                 w.kill()
                 w.wait_for(lambda w: w.state != WorkerState.DETACHING and w.pid is not None,
                            timeout)
-        for name in inst.shm_names:
+        from vllm_pool.compat import dist_ident
+
+        names = set(inst.shm_names)
+        # vLLM's CPU TP communicator segments carry the rendezvous name.
+        names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/*{dist_ident(inst.id)}*"))
+        for name in names:
             _unlink_shm(name)
         shutil.rmtree(inst.run_dir, ignore_errors=True)
 
@@ -342,7 +351,7 @@ class Pool:
             return next((i for i in self.instances.values() if i.name == ref), None)
 
 
-def _check_args(args: list[str]) -> None:
+def _check_args(args: list[str], env: dict[str, str]) -> None:
     """Arguments the pool owns: reject them with a clear reason instead of a broken engine."""
     owned = {"--distributed-executor-backend": "the pool always uses its own executor",
              "--port": "use the attach `port` field", "--host": "engines bind to the pool's host",
@@ -355,6 +364,10 @@ def _check_args(args: list[str]) -> None:
         key = a.split("=", 1)[0]
         if key in owned:
             raise AttachError(f"argument {key} is not allowed here: {owned[key]}", 422)
+    for k in env:
+        if k.startswith("VLLM_POOL_") or k in ("CUDA_VISIBLE_DEVICES", "VLLM_RPC_BASE_PATH") \
+                or not k.replace("_", "").isalnum():
+            raise AttachError(f"environment variable {k} cannot be set per attach", 422)
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -376,12 +389,8 @@ def _free_port(host: str, taken: set[int]) -> int:
 
 
 def _unlink_shm(name: str) -> None:
+    """Remove a POSIX shared-memory segment by name (Linux keeps them in /dev/shm)."""
     try:
-        seg = shared_memory.SharedMemory(name=name)
-    except (FileNotFoundError, OSError, ValueError):
-        return
-    seg.close()
-    try:
-        seg.unlink()  # also drops the resource tracker's record of the open above
+        os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
     except (FileNotFoundError, OSError):
         pass

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import ipaddress
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -117,16 +119,38 @@ def serve(args: argparse.Namespace) -> int:
                 logger.error("%s", e)
 
         threading.Thread(target=announce, daemon=True).start()
+        _Server = _server_class()
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run()
+        _Server(config).run()
     finally:
+        # A second signal must not cut the clean-up short; each step has its own timeout.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         logger.info("stopping pool: detaching %d instances, stopping workers",
                     len(pool.instances))
         pool.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
         logger.info("pool stopped")
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its own shutdown, which would kill the
+            # daemon before it stops its engines and workers. Take the signal, return.
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+    return Server
 
 
 def _require_key(app, key: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -93,11 +94,19 @@ def health_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+_ERROR_LINE = re.compile(r"\b[A-Za-z_.]*(Error|Exception): ")
+# vLLM's generic wrap-up lines; the root cause is printed before them.
+_GENERIC = ("Engine core initialization failed", "See root cause above")
+
+
 def failure_reason(log_text: str) -> str:
-    """The most telling line of a failed engine's log: its last error."""
+    """The most telling line of a failed engine's log: its root-cause error."""
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        if any(k in ln for k in ("Error:", "Error ", "error:", "Exception:")) and \
-                "Traceback" not in ln:
-            return ln[-600:]
-    return lines[-1][-600:] if lines else "engine exited without output"
+    errors = [ln for ln in lines if _ERROR_LINE.search(ln)]
+    specific = [ln for ln in errors if not any(g in ln for g in _GENERIC)]
+    pick = specific or errors or lines[-1:]
+    if not pick:
+        return "engine exited without output"
+    line = pick[-1]
+    m = _ERROR_LINE.search(line)
+    return line[m.start():][:1000] if m else line[-1000:]

@@ -1,0 +1,144 @@
+"""Real processes for the end-to-end tests: a pool daemon, plain vLLM servers, HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+PROMPTS = ["def main(", "import os\nimport", "class Pool:\n    def", "for i in range("]
+MAX_TOKENS = 12
+# Settings shared by the pooled and the plain engines, so their greedy tokens must agree.
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
+               "--max-num-seqs", "8", "--seed", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+class Daemon:
+    def __init__(self, slots: int, log_dir: str, extra: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_dir = log_dir
+        os.makedirs(log_dir, exist_ok=True)
+        self.log = open(os.path.join(log_dir, "daemon.log"), "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_pool", "serve", "--cpu-slots", str(slots),
+             "--port", str(self.port), "--log-dir", log_dir, *(extra or [])],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.client = httpx.Client(base_url=self.url, timeout=600)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        wait_http(self.url + "/health", timeout, self.proc)
+
+    def attach(self, model: str, tp: int = 1, name: str | None = None, args=None, **kw):
+        body = {"model": model, "tp": tp, "name": name,
+                "args": list(ENGINE_ARGS if args is None else args), **kw}
+        return self.client.post("/instances", json=body)
+
+    def detach(self, ref: str):
+        return self.client.delete(f"/instances/{ref}")
+
+    def workers(self) -> list[dict]:
+        return self.client.get("/workers").json()
+
+    def instances(self) -> list[dict]:
+        return self.client.get("/instances").json()
+
+    def wait_workers(self, pred, timeout: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            ws = self.workers()
+            if pred(ws):
+                return ws
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers never satisfied the condition: {ws}")
+            time.sleep(0.25)
+
+    def stop(self) -> int:
+        self.client.close()
+        rc = stop(self.proc, 120)
+        self.log.close()
+        return rc
+
+
+@contextlib.contextmanager
+def plain_vllm(model: str, tp: int, log_path: str, args=None):
+    """Plain `vllm serve` (vLLM's own API server and executor) on the same settings."""
+    port = free_port()
+    env = dict(os.environ)
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+             "--port", str(port), "--tensor-parallel-size", str(tp),
+             *(ENGINE_ARGS if args is None else args)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 300, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+def greedy(url: str, model: str, prompts=PROMPTS) -> list[tuple[str, list[int] | None]]:
+    out = []
+    with httpx.Client(timeout=120) as c:
+        for p in prompts:
+            r = c.post(url + "/v1/completions", json={
+                "model": model, "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "return_token_ids": True})
+            r.raise_for_status()
+            ch = r.json()["choices"][0]
+            out.append((ch["text"], ch.get("token_ids")))
+    return out
+
+
+def pool_leftovers(run_marker: str = "vllm-pool-") -> dict[str, list[str]]:
+    """Processes, /dev/shm segments and run directories a pool could leave behind."""
+    procs = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    mine = [ln for ln in procs.splitlines()
+            if ("vllm-pool-worker" in ln or "vllm_pool.engine.entry" in ln
+                or "vllm_pool serve" in ln)]
+    shm = [n for n in os.listdir("/dev/shm") if "vllm_dist_pool_" in n]
+    tmp = os.environ.get("TMPDIR", "/tmp")
+    dirs = [n for n in os.listdir(tmp) if n.startswith(run_marker)]
+    return {"processes": mine, "shm": shm, "run_dirs": dirs}

@@ -1,0 +1,153 @@
+"""End to end on a real 2-slot CPU pool: attach, serve, detach, reuse; real vLLM throughout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+
+from tests import helpers
+
+PHASES = {"reserve", "engine_start", "worker_init", "weight_load", "memory_profiling",
+          "kv_cache", "compile", "graph_capture", "warmup", "ready", "total"}
+CPU_RSS_SLACK = 512 * 2**20  # a detached CPU worker keeps allocator caches, not the model
+
+
+def _ok(r: httpx.Response) -> dict:
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, reference):
+    pool = idle_pool
+    before = {w["slot"]: w for w in pool.workers()}
+    inst = _ok(pool.attach(model_a, name="a1", devices=["cpu:0"]))
+    assert inst["state"] == "serving" and inst["workers"] == [0]
+    assert PHASES <= set(inst["phases"]), inst["phases"]
+    assert pool.client.get("/instances/a1").json()["id"] == inst["id"]
+    url = inst["url"]
+
+    # Completions: greedy tokens equal plain vLLM's on the same model and settings.
+    assert helpers.greedy(url, model_a) == reference(model_a, 1)
+    # Chat completions.
+    r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+        "model": model_a, "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    chat = r.json()["choices"][0]
+    assert chat["message"]["role"] == "assistant" and chat["message"]["content"]
+    # Streaming: SSE chunks add up to the non-streamed text.
+    plain_text = helpers.greedy(url, model_a, [helpers.PROMPTS[0]])[0][0]
+    pieces = []
+    with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+            "model": model_a, "prompt": helpers.PROMPTS[0], "max_tokens": helpers.MAX_TOKENS,
+            "temperature": 0, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    assert len(pieces) > 1 and "".join(pieces) == plain_text
+
+    # Detach: the same process is idle again, near its idle memory.
+    assert pool.detach("a1").status_code == 200
+    w0 = pool.wait_workers(lambda ws: ws[0]["state"] == "idle")[0]
+    assert w0["pid"] == before[0]["pid"], "worker was respawned, not reused"
+    assert w0["memory_bytes"] - w0["baseline_bytes"] < CPU_RSS_SLACK, w0
+    assert pool.instances() == []
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url + "/health", timeout=2)
+
+    # A different model on the same worker answers as plain vLLM does.
+    inst_b = _ok(pool.attach(model_b, name="b1", devices=["cpu:0"]))
+    assert helpers.greedy(inst_b["url"], model_b) == reference(model_b, 1)
+    assert pool.workers()[0]["pid"] == before[0]["pid"]
+
+
+def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
+    inst = _ok(idle_pool.attach(model_a, tp=2, name="tp2"))
+    assert sorted(inst["workers"]) == [0, 1]
+    assert {w["state"] for w in idle_pool.workers()} == {"serving"}
+    assert helpers.greedy(inst["url"], model_a) == reference(model_a, 2)
+
+
+def test_two_instances_side_by_side_and_409s(idle_pool, model_a, model_b, reference):
+    pool = idle_pool
+    results = {}
+
+    def go(name, model):
+        results[name] = pool.attach(model, name=name)
+
+    ts = [threading.Thread(target=go, args=a) for a in (("left", model_a), ("right", model_b))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    left, right = _ok(results["left"]), _ok(results["right"])
+    assert set(left["workers"]) | set(right["workers"]) == {0, 1}
+    assert helpers.greedy(left["url"], model_a) == reference(model_a, 1)
+    assert helpers.greedy(right["url"], model_b) == reference(model_b, 1)
+
+    # Full pool: 409 with a reason, nothing changed.
+    snapshot = (pool.workers(), [i["id"] for i in pool.instances()])
+    r = pool.attach(model_a, name="extra")
+    assert r.status_code == 409 and "free workers" in r.json()["detail"]
+    # One free slot, TP=2 asked: 409, nothing changed.
+    assert pool.detach("left").status_code == 200
+    pool.wait_workers(lambda ws: sum(w["state"] == "idle" for w in ws) == 1)
+    snapshot = ([(w["slot"], w["state"], w["pid"]) for w in pool.workers()],
+                [i["id"] for i in pool.instances()])
+    r = pool.attach(model_a, tp=2, name="too-big")
+    assert r.status_code == 409 and "needs 2 free workers" in r.json()["detail"], r.text
+    assert ([(w["slot"], w["state"], w["pid"]) for w in pool.workers()],
+            [i["id"] for i in pool.instances()]) == snapshot
+    # Name taken and TP above the pool's size are refused the same way.
+    assert pool.attach(model_a, name="right").status_code == 409
+    assert pool.attach(model_a, tp=3).status_code == 409
+
+
+def test_bad_input_leaves_pool_as_it_was(idle_pool, model_a, tmp_path):
+    pool = idle_pool
+    pids = [w["pid"] for w in pool.workers()]
+    missing = str(tmp_path / "no-such-model")
+    r = pool.attach(missing, name="bad")
+    assert 400 <= r.status_code < 500, r.text
+    assert "no-such-model" in r.json()["detail"] or "not" in r.json()["detail"].lower()
+    r = pool.attach(model_a, args=helpers.ENGINE_ARGS + ["--no-such-flag"])
+    assert 400 <= r.status_code < 500 and "no-such-flag" in r.json()["detail"], r.text
+    r = pool.attach(model_a, args=["--port", "1234"])
+    assert r.status_code == 422 and "--port" in r.json()["detail"]
+    r = pool.client.post("/instances", json={"model": model_a, "tp": 0})
+    assert r.status_code == 422
+    ws = pool.workers()
+    assert [w["state"] for w in ws] == ["idle", "idle"] and [w["pid"] for w in ws] == pids
+    assert pool.instances() == []
+    assert not [p for p in helpers.pool_leftovers()["processes"] if "engine.entry" in p]
+
+
+def test_killed_worker_fails_instance_and_is_respawned(idle_pool, model_a, reference):
+    pool = idle_pool
+    inst = _ok(pool.attach(model_a, name="victim", devices=["cpu:1"]))
+    old_pid = pool.workers()[1]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    pool.wait_workers(lambda ws: ws[1]["pid"] != old_pid and ws[1]["state"] == "idle", 180)
+    listed = pool.client.get("/instances/victim").json()
+    assert listed["state"] == "failed" and "died" in listed["error"]
+    with pytest.raises(httpx.HTTPError):  # its engine was stopped
+        httpx.get(inst["url"] + "/health", timeout=2)
+    assert pool.detach("victim").status_code == 200  # a failed instance can be removed
+    # The pool attaches again, on the respawned worker too.
+    again = _ok(pool.attach(model_a, name="again", devices=["cpu:1"]))
+    assert helpers.greedy(again["url"], model_a) == reference(model_a, 1)
+
+
+def test_engine_death_returns_workers(idle_pool, model_a):
+    pool = idle_pool
+    inst = _ok(pool.attach(model_a, name="doomed", devices=["cpu:0"]))
+    pid = pool.workers()[0]["pid"]
+    os.killpg(inst["engine_pid"], signal.SIGKILL)
+    w = pool.wait_workers(lambda ws: ws[0]["state"] == "idle" and ws[0]["instance_id"] is None)
+    assert w[0]["pid"] == pid, "the worker should have been reclaimed, not respawned"
+    assert pool.client.get("/instances/doomed").json()["state"] == "failed"

@@ -1,0 +1,43 @@
+"""The daemon's own life: stop on SIGTERM leaving nothing behind; the `vllm` command route."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests import helpers
+
+
+def test_sigterm_stops_everything_and_cleans_up(logs, model_a):
+    shm_before = set(os.listdir("/dev/shm"))
+    d = helpers.Daemon(1, os.path.join(logs, "sigterm-pool"))
+    try:
+        d.wait_ready()
+        r = d.attach(model_a, name="x")
+        assert r.status_code == 201, r.text
+        inst = r.json()
+        assert helpers.greedy(inst["url"], model_a, helpers.PROMPTS[:1])
+        worker_pid = d.workers()[0]["pid"]
+    finally:
+        rc = d.stop()  # SIGTERM to the daemon's process group leader only
+    assert rc == 0
+    for pid in (worker_pid, inst["engine_pid"]):
+        assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} outlived the pool"
+    left = helpers.pool_leftovers()
+    assert left["processes"] == [] and left["shm"] == [], left
+    assert not [n for n in left["run_dirs"] if n.startswith(f"vllm-pool-{d.port}-")]
+    leaked = set(os.listdir("/dev/shm")) - shm_before
+    assert not leaked, f"shared memory left behind: {leaked}"
+
+
+def test_vllm_command_routes_to_pool(pool):
+    """`vllm pool ls` / `vllm detach` reach the pool through vLLM's own CLI main."""
+    cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    r = subprocess.run(cli + ["pool", "ls", "--pool", pool.url], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "SLOT" in r.stdout and "cpu:0" in r.stdout and "cpu:1" in r.stdout
+    r = subprocess.run(cli + ["detach", "--pool", pool.url, "nope"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "404" in r.stderr

@@ -1,0 +1,79 @@
+"""Fast checks of the pure parts: allocator, argument parsing, messages, error extraction."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_pool import messages
+from vllm_pool.daemon import allocator
+from vllm_pool.daemon.pool import AttachError, _check_args
+from vllm_pool.daemon.server import parse_gpus
+from vllm_pool.engine.launch import engine_argv, failure_reason
+from vllm_pool.states import WorkerState
+
+I, S = WorkerState.IDLE, WorkerState.SERVING
+DEVS = {0: "cuda:0", 1: "cuda:1", 2: "cuda:2", 3: "cuda:3"}
+
+
+def test_allocator_takes_lowest_free_slots():
+    assert allocator.reserve({0: S, 1: I, 2: I, 3: I}, DEVS, 2) == [1, 2]
+
+
+def test_allocator_refuses_with_reason():
+    with pytest.raises(allocator.NoCapacity, match="needs 3 free workers but 2"):
+        allocator.reserve({0: S, 1: I, 2: S, 3: I}, DEVS, 3)
+
+
+def test_allocator_pinned_devices():
+    st = {0: I, 1: I, 2: S, 3: I}
+    assert allocator.reserve(st, DEVS, 2, ["cuda:3", "cuda:0"]) == [3, 0]
+    with pytest.raises(allocator.NoCapacity, match="serving"):
+        allocator.reserve(st, DEVS, 1, ["cuda:2"])
+    with pytest.raises(allocator.NoCapacity, match="not in this pool"):
+        allocator.reserve(st, DEVS, 1, ["cuda:9"])
+    with pytest.raises(allocator.NoCapacity, match="twice"):
+        allocator.reserve(st, DEVS, 2, ["cuda:0", "cuda:0"])
+
+
+def test_parse_gpus():
+    assert parse_gpus("0-3") == ["0", "1", "2", "3"]
+    assert parse_gpus("0,2,5") == ["0", "2", "5"]
+    for bad in ("3-1", "a", "0,0"):
+        with pytest.raises(SystemExit):
+            parse_gpus(bad)
+
+
+def test_pool_owned_arguments_rejected():
+    with pytest.raises(AttachError, match="--distributed-executor-backend"):
+        _check_args(["--distributed-executor-backend=mp"], {})
+    with pytest.raises(AttachError, match="VLLM_POOL_LEASE"):
+        _check_args([], {"VLLM_POOL_LEASE": "x"})
+    _check_args(["--dtype", "float32"], {"VLLM_LOGGING_LEVEL": "DEBUG"})
+
+
+def test_engine_argv_ends_with_pool_executor():
+    argv = engine_argv("m", "127.0.0.1", 9000, 2, 1, ["--dtype", "half"], [0, 1])
+    assert argv[-2:] == ["--distributed-executor-backend", "vllm_pool.executor.PoolExecutor"]
+    assert "--device-ids" in argv and argv[argv.index("--device-ids") + 1] == "0,1"
+
+
+def test_messages_round_trip():
+    line = messages.encode(messages.Lease(instance_id="i", token="t"))
+    assert messages.decode_command(line) == messages.Lease(instance_id="i", token="t")
+    ev = messages.StateChanged(state=WorkerState.SERVING, pid=3, phases={"x": 1.0})
+    assert messages.decode_event(messages.encode(ev)) == ev
+    lease = messages.LeaseInfo("i", "t", "ab", [messages.WorkerAddress(0, "cpu:0", "/s")])
+    assert messages.LeaseInfo.from_json(lease.to_json()) == lease
+
+
+def test_failure_reason_prefers_root_cause():
+    log = ("INFO starting\nValueError: model path /x does not exist\n"
+           "RuntimeError: Engine core initialization failed. See root cause above.\n")
+    assert failure_reason(log) == "ValueError: model path /x does not exist"
+    assert failure_reason("") == "engine exited without output"
+
+
+def test_vllm_is_supported():
+    from vllm_pool import compat
+
+    assert compat.check_vllm()
