@@ -132,13 +132,12 @@ def greedy(url: str, model: str, prompts=PROMPTS) -> list[tuple[str, list[int] |
     return out
 
 
-def pool_leftovers(run_marker: str = "vllm-pool-") -> dict[str, list[str]]:
-    """Processes, /dev/shm segments and run directories a pool could leave behind."""
+def pool_leftovers(port: int) -> dict[str, list[str]]:
+    """What the pool on `port` could leave behind: its processes, its rendezvous
+    segments in /dev/shm and its run directory."""
     procs = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    mine = [ln for ln in procs.splitlines()
-            if ("vllm-pool-worker" in ln or "vllm_pool.engine.entry" in ln
-                or "vllm_pool serve" in ln)]
+    mine = [ln for ln in procs.splitlines() if "vllm_pool serve" in ln and f"--port {port}" in ln]
     shm = [n for n in os.listdir("/dev/shm") if "vllm_dist_pool_" in n]
     tmp = os.environ.get("TMPDIR", "/tmp")
-    dirs = [n for n in os.listdir(tmp) if n.startswith(run_marker)]
+    dirs = [n for n in os.listdir(tmp) if n.startswith(f"vllm-pool-{port}-")]
     return {"processes": mine, "shm": shm, "run_dirs": dirs}

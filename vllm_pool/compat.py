@@ -164,9 +164,40 @@ def reset_vllm_globals() -> None:
         pa._graph_pool_id = None
     except (ImportError, AttributeError):
         pass
+    from vllm.platforms import current_platform
+
+    # The CUDA graph memory pool is a class attribute shared by every runner.
+    for klass in type(current_platform).__mro__:
+        if "_global_graph_pool" in vars(klass):
+            klass._global_graph_pool = None
     import vllm.envs as envs
 
     envs.disable_envs_cache()
+
+
+def release_config(vllm_config: Any) -> None:
+    """The config's static forward context holds every attention layer, and through them
+    the KV cache: clear it, or the cache outlives the detach."""
+    cc = getattr(vllm_config, "compilation_config", None)
+    ctx = getattr(cc, "static_forward_context", None)
+    if isinstance(ctx, dict):
+        ctx.clear()
+
+
+def isolate_compile_cache(device: Any, local_rank: int) -> None:
+    """Keep vLLM's compile cache right when a rank runs on another device index.
+
+    vLLM keys its compile cache by config and rank (`rank_{r}_{dp}`), not by device,
+    while compiled artifacts bake in the device index. In plain vLLM rank r always runs
+    on cuda:r; a pool worker on cuda:k may serve rank r != k. Those workers get their
+    own cache root (still hit on every later attach with the same placement); rank r on
+    cuda:r shares the default cache, also with plain `vllm serve`.
+    """
+    if getattr(device, "type", None) != "cuda" or device.index == local_rank:
+        return
+    root = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
+        os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "vllm")
+    os.environ["VLLM_CACHE_ROOT"] = os.path.join(root, f"pool-cuda{device.index}")
 
 
 def cpu_worker_spawn_env(core: int, threads: int = 1) -> dict[str, str]:

@@ -25,7 +25,7 @@ from vllm_pool import messages
 from vllm_pool.daemon import allocator
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
-from vllm_pool.states import InstanceState, WorkerState
+from vllm_pool.states import ATTACH_PHASES, InstanceState, WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
 
@@ -256,6 +256,7 @@ class Pool:
             time.sleep(0.02)
         now = time.perf_counter()
         rank0 = workers[0].phases
+        inst.phases.update({k: 0.0 for k in ATTACH_PHASES if k not in inst.phases})
         inst.phases.update({k: round(v, 4) for k, v in rank0.items()})
         inst.phases["engine_start"] = (t_reached or t_served) - t_launch
         inst.phases["ready"] = now - t_served
@@ -332,8 +333,12 @@ class Pool:
             if not ok and not self.stopping:
                 logger.error("worker %d did not return from %s; killing it", s, inst.id)
                 w.kill()
-                w.wait_for(lambda w: w.state != WorkerState.DETACHING and w.pid is not None,
-                           timeout)
+            if not self.stopping:
+                # A worker that failed its clean check is being respawned: the workers
+                # go back to the pool only when they can take the next attach.
+                w.wait_for(lambda w: w.state in (WorkerState.IDLE, WorkerState.STOPPED)
+                           or w.instance_id not in (None, inst.id),
+                           self.cfg.worker_start_timeout)
         from vllm_pool.compat import dist_ident
 
         names = set(inst.shm_names)

@@ -30,9 +30,11 @@ CHAT_TEMPLATE = (
 
 
 def build_model(out: str, size: str = "tiny", seed: int = 0, vocab: int = 2048,
-                num_layers: int | None = None) -> str:
+                num_layers: int | None = None, dtype: str = "float32") -> str:
     """Write the model to `out` unless an identical build is already there."""
     stamp = {"size": size, "seed": seed, "vocab": vocab, "layers": num_layers, "v": 1}
+    if dtype != "float32":
+        stamp["dtype"] = dtype
     stamp_path = os.path.join(out, "vllm_pool_fixture.json")
     if os.path.exists(stamp_path):
         with open(stamp_path) as f:
@@ -60,7 +62,7 @@ def build_model(out: str, size: str = "tiny", seed: int = 0, vocab: int = 2048,
         shape["num_hidden_layers"] = num_layers
     cfg = LlamaConfig(vocab_size=len(fast), max_position_embeddings=2048,
                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
-                      pad_token_id=fast.pad_token_id, torch_dtype="float32",
+                      pad_token_id=fast.pad_token_id, torch_dtype=dtype,
                       tie_word_embeddings=False, **shape)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
@@ -68,6 +70,7 @@ def build_model(out: str, size: str = "tiny", seed: int = 0, vocab: int = 2048,
     # ties and the token-equality checks are meaningful rather than luck.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
+    model = model.to(getattr(torch, dtype))
     model.save_pretrained(out, safe_serialization=True)
     with open(stamp_path, "w") as f:
         json.dump(stamp, f)
@@ -80,9 +83,10 @@ def main() -> None:
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = p.parse_args()
     t0 = time.time()
-    build_model(a.out, a.size, a.seed, num_layers=a.layers)
+    build_model(a.out, a.size, a.seed, num_layers=a.layers, dtype=a.dtype)
     print(f"model at {a.out} in {time.time() - t0:.1f}s")
 
 

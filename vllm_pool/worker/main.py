@@ -188,22 +188,48 @@ class PoolWorker:
                 self._end_session(s, "engine connection closed")
 
     def serve_attach(self, conn: Connection) -> None:
+        import gc
+
+        import torch
+
+        from vllm_pool.states import WorkerState
+        from vllm_pool.worker.reset import clean_check
+
+        instance_id = self._attach_session(conn)
+        if instance_id is None:
+            return
+        # Every reference to the attach's objects is gone with the session's frame.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        dirty = clean_check(self.device, self.baseline, self.slack)
+        if dirty:
+            logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned",
+                         self.slot, instance_id, dirty)
+            self.emit(WorkerState.FAILED, instance_id=instance_id,
+                      error=f"unclean after detach: {dirty}")
+            os._exit(1)
+        self.emit(WorkerState.IDLE)
+
+    def _attach_session(self, conn: Connection) -> str | None:
+        """Build vLLM's worker, serve the engine until it detaches, tear down.
+        Returns the instance id, or None when the request was refused."""
+        from vllm_pool import compat
         from vllm_pool.messages import AttachReply, AttachRequest
         from vllm_pool.states import WorkerState
         from vllm_pool.worker.proc import PoolWorkerProc
-        from vllm_pool.worker.reset import ProcessSnapshot, clean_check, teardown
-        from vllm_pool import compat
+        from vllm_pool.worker.reset import ProcessSnapshot, teardown
 
         req = conn.recv()
         if not isinstance(req, AttachRequest):
             conn.close()
-            return
+            return None
         lease = self.lease
         if lease is None or (lease.instance_id, lease.token) != (req.instance_id, req.token):
             conn.send(AttachReply(ok=False, error=f"worker {self.slot} is not leased to "
                                                   f"instance {req.instance_id}"))
             conn.close()
-            return
+            return None
         s = Session(conn, req.instance_id)
         self.session = s
         phases: dict[str, float] = {}
@@ -212,6 +238,7 @@ class PoolWorker:
         snap = ProcessSnapshot.take()
         snap.remember_worker_class(req.vllm_config)
         os.environ.update(req.env)
+        compat.isolate_compile_cache(self.device, req.local_rank)
         threading.Thread(target=self.watch, args=(s,), daemon=True,
                          name="PoolAttachWatch").start()
 
@@ -251,8 +278,10 @@ class PoolWorker:
         finally:
             s.ready = True  # from here on, an abort just waits for this teardown
             self.emit(WorkerState.DETACHING, instance_id=s.instance_id, error=error)
+            with s.lock:
+                s.proc = None
             teardown(proc)
-            del proc
+            compat.release_config(req.vllm_config)
             snap.restore()
             setproctitle.setproctitle(f"vllm-pool-worker-{self.slot}")
             try:
@@ -261,12 +290,7 @@ class PoolWorker:
                 pass
             self.session = None
             self.lease = None
-        dirty = clean_check(self.device, self.baseline, self.slack)
-        if dirty:
-            self.emit(WorkerState.FAILED, instance_id=s.instance_id, error=f"unclean after "
-                                                                           f"detach: {dirty}")
-            os._exit(1)
-        self.emit(WorkerState.IDLE)
+        return s.instance_id
 
     def run(self) -> None:
         from vllm_pool.states import WorkerState

@@ -69,7 +69,9 @@ def teardown(proc: Any) -> None:
     """Release everything a PoolWorkerProc built. Never raises."""
     from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
 
-    steps = []
+    # vLLM freezes the GC heap after start-up (freeze_gc_heap): frozen objects are never
+    # collected, so the whole model runner, KV cache included, would survive the detach.
+    steps = [("gc unfreeze", gc.unfreeze)]
     if proc is not None:
         steps += [
             ("async output thread", proc.stop_async_output_thread),

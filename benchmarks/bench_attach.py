@@ -1,0 +1,411 @@
+"""Benchmark: pool attach against plain `vllm serve`, side by side, on one machine.
+
+In one run, interleaving the contenders so drift hits both:
+  1. plain `vllm serve`: launch to /health 200 and to the first completion;
+  2. pool attach: request to /health 200 and to the first completion, with the phases;
+  3. detach: time, and each worker's memory after it against its idle baseline;
+  4. swap: model A detached and model B attached on the same workers, to B's first completion;
+  5. serving parity: a seeded random workload against an attached engine and plain vLLM;
+  6. the compile-cache state (empty or warm) of every measurement.
+
+Example (CPU, tiny models built on the fly):
+  python benchmarks/bench_attach.py --device cpu --reps 3 --output-json cpu.json
+Example (GPU, 1.1B model):
+  python benchmarks/bench_attach.py --device gpu --gpus 0 --model /root/models/l1b \
+      --model-b /root/models/l1b-b --reps 2 --output-json h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- processes ----------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}) before {url} was healthy")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def first_completion(url: str, model: str, max_tokens: int = 16) -> dict:
+    r = httpx.post(url + "/v1/completions", timeout=600, json={
+        "model": model, "prompt": "def main(", "max_tokens": max_tokens, "temperature": 0,
+        "return_token_ids": True})
+    r.raise_for_status()
+    ch = r.json()["choices"][0]
+    return {"text": ch["text"], "token_ids": ch.get("token_ids")}
+
+
+def cache_state(env: dict) -> str:
+    root = env.get("VLLM_CACHE_ROOT") or os.path.join(os.path.expanduser("~"), ".cache", "vllm")
+    d = os.path.join(root, "torch_compile_cache")
+    return "warm" if os.path.isdir(d) and os.listdir(d) else "empty"
+
+
+def cache_env(mode: str, scratch: str) -> dict:
+    """'empty': fresh vLLM and Inductor caches for this one measurement."""
+    if mode == "warm":
+        return {}
+    d = tempfile.mkdtemp(prefix="cache-", dir=scratch)
+    return {"VLLM_CACHE_ROOT": os.path.join(d, "vllm"),
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(d, "inductor")}
+
+
+# ---- contenders ---------------------------------------------------------------------
+def run_plain(a, model: str, extra_env: dict, log: str, workload: bool) -> dict:
+    port = free_port()
+    env = dict(os.environ, **extra_env)
+    if a.device == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(a.tp))
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = a.gpus
+    cache = cache_state(env)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.perf_counter()
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+             "--port", str(port), "--tensor-parallel-size", str(a.tp), *a.engine_args],
+            env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_health(url, proc, a.timeout)
+        t_health = time.perf_counter() - t0
+        out = first_completion(url, model)
+        t_first = time.perf_counter() - t0
+        res = {"health_s": t_health, "first_completion_s": t_first, "cache": cache,
+               "output": out}
+        if workload:
+            res["serving"] = asyncio.run(serve_workload(url, model, a))
+        return res
+    finally:
+        stop_group(proc)
+
+
+class Pool:
+    def __init__(self, a, log_dir: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        dev = ["--gpus", a.gpus] if a.device == "gpu" else ["--cpu-slots", str(a.cpu_slots)]
+        cli = ([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve-pool"]
+               if a.pool_cli == "vllm" else [sys.executable, "-m", "vllm_pool", "serve"])
+        t0 = time.perf_counter()
+        self.log = open(os.path.join(log_dir, "daemon.log"), "ab")
+        self.proc = subprocess.Popen([*cli, *dev, "--port", str(self.port), "--log-dir", log_dir],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_health(self.url, self.proc, a.timeout)
+        self.ready_s = time.perf_counter() - t0
+        self.c = httpx.Client(base_url=self.url, timeout=a.timeout)
+
+    def attach(self, a, model: str, name: str, extra_env: dict) -> dict:
+        r = self.c.post("/instances", json={"model": model, "tp": a.tp, "name": name,
+                                            "args": a.engine_args, "env": extra_env,
+                                            "timeout_s": a.timeout})
+        if r.status_code != 201:
+            raise RuntimeError(f"attach failed: {r.status_code} {r.text}")
+        return r.json()
+
+    def detach(self, name: str) -> float:
+        t0 = time.perf_counter()
+        r = self.c.delete(f"/instances/{name}")
+        r.raise_for_status()
+        return time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.c.close()
+        stop_group(self.proc)
+        self.log.close()
+
+
+def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: bool) -> dict:
+    env = dict(os.environ, **extra_env)
+    cache = cache_state(env)
+    t0 = time.perf_counter()
+    inst = pool.attach(a, model, name, extra_env)
+    t_health = time.perf_counter() - t0
+    out = first_completion(inst["url"], model)
+    t_first = time.perf_counter() - t0
+    res = {"health_s": t_health, "first_completion_s": t_first, "cache": cache,
+           "phases": inst["phases"], "output": out}
+    if workload:
+        res["serving"] = asyncio.run(serve_workload(inst["url"], model, a))
+    res["detach_s"] = pool.detach(name)
+    ws = pool.c.get("/workers").json()
+    res["memory_after_detach"] = [
+        {"device": w["device"], "after_bytes": w["memory_bytes"],
+         "idle_bytes": w["baseline_bytes"], "delta_mib": (w["memory_bytes"] - w["baseline_bytes"]) / 2**20}
+        for w in ws if w["slot"] in inst["workers"]]
+    return res
+
+
+def run_swap(a, pool: Pool, model_a: str, model_b: str, extra_env: dict) -> dict:
+    inst_a = pool.attach(a, model_a, "swap-a", extra_env)
+    first_completion(inst_a["url"], model_a)
+    t0 = time.perf_counter()
+    pool.detach("swap-a")
+    inst = pool.attach(a, model_b, "swap-b", extra_env)
+    first_completion(inst["url"], model_b)
+    t = time.perf_counter() - t0
+    pool.detach("swap-b")
+    return {"swap_to_first_completion_s": t, "phases_b": inst["phases"]}
+
+
+# ---- serving workload -----------------------------------------------------------------
+async def serve_workload(url: str, model: str, a) -> dict:
+    rng = random.Random(a.seed)
+    vocab = list(range(10, 1000))
+    prompts = [[rng.choice(vocab) for _ in range(a.input_len)] for _ in range(a.num_prompts)]
+    sem = asyncio.Semaphore(a.concurrency)
+    ttfts, itls, tokens = [], [], 0
+
+    async def one(client, p):
+        nonlocal tokens
+        async with sem:
+            t0 = time.perf_counter()
+            last = None
+            n = 0
+            async with client.stream("POST", url + "/v1/completions", json={
+                    "model": model, "prompt": p, "max_tokens": a.output_len, "temperature": 0,
+                    "ignore_eos": True, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    now = time.perf_counter()
+                    if last is None:
+                        ttfts.append(now - t0)
+                    else:
+                        itls.append(now - last)
+                    last = now
+                    n += 1
+            tokens += a.output_len
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as c:
+        await asyncio.gather(*(one(c, p) for p in prompts))
+    dur = time.perf_counter() - t0
+
+    def pct(xs, q):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] * 1000 if xs else None
+
+    return {"duration_s": dur, "output_tok_per_s": tokens / dur,
+            "ttft_ms": {"p50": pct(ttfts, 50), "p90": pct(ttfts, 90), "p99": pct(ttfts, 99)},
+            "itl_ms": {"p50": pct(itls, 50), "p90": pct(itls, 90), "p99": pct(itls, 99)}}
+
+
+# ---- reporting -----------------------------------------------------------------------
+def stats(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} \
+        if xs else {}
+
+
+def machine(a) -> str:
+    if a.device == "gpu":
+        try:
+            return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                  capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            return "unknown GPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    return f"{ln.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_models(a, scratch: str) -> tuple[str, str]:
+    from vllm_pool.testing.tiny_model import build_model
+
+    cache = os.path.join(ROOT, ".cache", "models")
+    ma = a.model or build_model(os.path.join(cache, "tiny-a"), seed=0)
+    mb = a.model_b or build_model(os.path.join(cache, "tiny-b"), seed=1, num_layers=2)
+    return ma, mb
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description="pool attach vs plain vllm serve")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--gpus", default="0")
+    p.add_argument("--cpu-slots", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--model", default=None, help="default: tiny model built here")
+    p.add_argument("--model-b", default=None, help="second model for the swap")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--cache-modes", default="warm", help="comma list of empty,warm")
+    p.add_argument("--engine-args", default="--dtype float32 --max-model-len 512 --enforce-eager",
+                   help="vllm serve arguments shared by both contenders")
+    p.add_argument("--pool-cli", choices=["vllm-pool", "vllm"], default="vllm-pool")
+    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-workload", action="store_true")
+    p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--log-dir", default=None)
+    p.add_argument("--output-json", default=None)
+    a = p.parse_args()
+    a.engine_args = a.engine_args.split()
+    if a.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    scratch = tempfile.mkdtemp(prefix="bench-attach-")
+    log_dir = a.log_dir or os.path.join(scratch, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    model_a, model_b = build_models(a, scratch)
+    import vllm  # noqa: F401  (version only; the contenders run in their own processes)
+
+    result = {"machine": machine(a), "device": a.device, "vllm_version": vllm.__version__,
+              "model": model_a, "model_b": model_b, "settings": {
+                  k: v for k, v in vars(a).items() if k not in ("output_json", "log_dir")},
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
+    pool = Pool(a, log_dir)
+    result["pool_ready_s"] = pool.ready_s
+    try:
+        for mode in a.cache_modes.split(","):
+            for rep in range(a.reps):
+                wl = not a.skip_workload and rep == 0 and mode == a.cache_modes.split(",")[-1]
+                order = ["plain", "attach"] if rep % 2 == 0 else ["attach", "plain"]
+                for who in order:
+                    env = cache_env(mode, scratch)
+                    if who == "plain" and a.skip_plain:
+                        continue
+                    if who == "plain":
+                        r = run_plain(a, model_a, env, os.path.join(log_dir, "plain.log"), wl)
+                    else:
+                        r = run_attach(a, pool, model_a, f"bench-{mode}-{rep}", env, wl)
+                    r.update(contender=who, cache_mode=mode, rep=rep)
+                    result["runs"].append(r)
+                    print(f"[{mode} rep {rep}] {who}: health {r['health_s']:.2f}s, "
+                          f"first completion {r['first_completion_s']:.2f}s", flush=True)
+                sw = run_swap(a, pool, model_a, model_b, cache_env(mode, scratch))
+                sw.update(contender="swap", cache_mode=mode, rep=rep)
+                result["runs"].append(sw)
+                print(f"[{mode} rep {rep}] swap A->B: {sw['swap_to_first_completion_s']:.2f}s",
+                      flush=True)
+    finally:
+        pool.stop()
+        for d in os.listdir(scratch):  # fresh compile caches of 'empty' runs; logs stay
+            if d.startswith("cache-"):
+                shutil.rmtree(os.path.join(scratch, d), ignore_errors=True)
+    summarize(result)
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    print_table(result)
+    return 0
+
+
+def summarize(result: dict) -> None:
+    s: dict = {}
+    runs = result["runs"]
+    for mode in sorted({r["cache_mode"] for r in runs}):
+        rs = [r for r in runs if r["cache_mode"] == mode]
+        m: dict = {}
+        for who in ("plain", "attach"):
+            sel = [r for r in rs if r["contender"] == who]
+            m[who] = {k: stats([r[k] for r in sel]) for k in ("health_s", "first_completion_s")}
+        att = [r for r in rs if r["contender"] == "attach"]
+        m["attach"]["detach_s"] = stats([r["detach_s"] for r in att])
+        m["attach"]["phases"] = {k: stats([r["phases"][k] for r in att])
+                                 for k in (att[0]["phases"] if att else {})}
+        m["attach"]["memory_after_detach_max_delta_mib"] = max(
+            (x["delta_mib"] for r in att for x in r["memory_after_detach"]), default=None)
+        m["swap"] = stats([r["swap_to_first_completion_s"] for r in rs if r["contender"] == "swap"])
+        pl, at = m["plain"].get("first_completion_s"), m["attach"].get("first_completion_s")
+        if pl and at:
+            m["speedup_first_completion"] = pl["median"] / at["median"]
+        srv = {r["contender"]: r["serving"] for r in rs if "serving" in r}
+        if "plain" in srv and "attach" in srv:
+            m["serving"] = srv
+            m["serving_ratio"] = {
+                "throughput": srv["attach"]["output_tok_per_s"] / srv["plain"]["output_tok_per_s"],
+                "ttft_p50": srv["attach"]["ttft_ms"]["p50"] / srv["plain"]["ttft_ms"]["p50"],
+                "itl_p50": srv["attach"]["itl_ms"]["p50"] / srv["plain"]["itl_ms"]["p50"]}
+        outs = {json.dumps(r["output"]) for r in rs if r["contender"] in ("plain", "attach")}
+        m["same_greedy_output"] = len(outs) == 1
+        s[mode] = m
+    result["summary"] = s
+
+
+def print_table(result: dict) -> None:
+    print(f"\n=== attach vs vllm serve | {result['machine']} | vLLM {result['vllm_version']} | "
+          f"model {os.path.basename(result['model'].rstrip('/'))} ===")
+    print(f"pool ready in {result['pool_ready_s']:.1f}s")
+    hdr = f"{'cache':<7}{'contender':<10}{'to /health (med/min/max)':<28}{'to 1st completion (med/min/max)':<34}"
+    print(hdr)
+    for mode, m in result["summary"].items():
+        for who in ("plain", "attach"):
+            h, f = m[who].get("health_s"), m[who].get("first_completion_s")
+            if not h:
+                continue
+            print(f"{mode:<7}{who:<10}{h['median']:6.2f} / {h['min']:6.2f} / {h['max']:6.2f}s      "
+                  f"{f['median']:6.2f} / {f['min']:6.2f} / {f['max']:6.2f}s")
+        if m.get("speedup_first_completion"):
+            print(f"{mode:<7}speed-up to first completion: {m['speedup_first_completion']:.1f}x")
+        if m["swap"]:
+            print(f"{mode:<7}swap A->B to first completion: {m['swap']['median']:.2f}s")
+        d = m["attach"].get("detach_s")
+        if d:
+            print(f"{mode:<7}detach {d['median']:.2f}s; worker memory after detach vs idle: "
+                  f"+{m['attach']['memory_after_detach_max_delta_mib']:.0f} MiB (max)")
+        ph = m["attach"].get("phases", {})
+        if ph:
+            print(f"{mode:<7}attach phases (median s): " + ", ".join(
+                f"{k} {v['median']:.2f}" for k, v in ph.items()))
+        if "serving_ratio" in m:
+            sv, r = m["serving"], m["serving_ratio"]
+            print(f"{mode:<7}serving: plain {sv['plain']['output_tok_per_s']:.0f} tok/s, attached "
+                  f"{sv['attach']['output_tok_per_s']:.0f} tok/s; ratio thr {r['throughput']:.3f}, "
+                  f"TTFT p50 {r['ttft_p50']:.3f}, ITL p50 {r['itl_p50']:.3f}")
+        print(f"{mode:<7}same greedy output plain vs attached: {m['same_greedy_output']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, after the kit is installed (../shared/gpu/README.md): install
+# vllm-pool, make the 1.1B models, run the attach benchmark through the `vllm` command
+# route, and leave the JSON and logs in $OUT.
+#   usage: bash benchmarks/gpu_run.sh [extra bench_attach.py arguments]
+set -uo pipefail
+source /root/kit/env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v WARNING
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import vllm_pool, importlib.metadata as m; print([e.name for e in m.entry_points(group='vllm.general_plugins')])"
+[ -d /root/models/l1b ] || python3 /root/kit/mkmodel.py /root/models/l1b 1b
+[ -d /root/models/l1b-b ] || python3 -m vllm_pool.testing.tiny_model /root/models/l1b-b --size 1b --seed 1 --dtype bfloat16
+export PYTHONUNBUFFERED=1
+python3 benchmarks/bench_attach.py --device gpu --gpus "${GPUS:-0}" --model /root/models/l1b \
+  --model-b /root/models/l1b-b --pool-cli vllm --engine-args "--dtype bfloat16 --max-model-len 2048" \
+  --log-dir /tmp/bench-logs --output-json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.txt"
+rc=${PIPESTATUS[0]}
+tar -C /tmp -czf "$OUT/logs.tgz" bench-logs 2>/dev/null
+exit $rc
