@@ -29,6 +29,7 @@ def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, referen
     inst = _ok(pool.attach(model_a, name="a1", devices=["cpu:0"]))
     assert inst["state"] == "serving" and inst["workers"] == [0]
     assert PHASES <= set(inst["phases"]), inst["phases"]
+    assert inst["engine_host"] == "spare"  # a pre-warmed engine host took the attach
     assert pool.client.get("/instances/a1").json()["id"] == inst["id"]
     url = inst["url"]
 
@@ -147,9 +148,13 @@ def test_killed_worker_fails_instance_and_is_respawned(idle_pool, model_a, refer
 
 def test_engine_death_returns_workers(idle_pool, model_a):
     pool = idle_pool
+    shm_before = set(os.listdir("/dev/shm"))
     inst = _ok(pool.attach(model_a, name="doomed", devices=["cpu:0"]))
     pid = pool.workers()[0]["pid"]
     os.killpg(inst["engine_pid"], signal.SIGKILL)
     w = pool.wait_workers(lambda ws: ws[0]["state"] == "idle" and ws[0]["instance_id"] is None)
     assert w[0]["pid"] == pid, "the worker should have been reclaimed, not respawned"
     assert pool.client.get("/instances/doomed").json()["state"] == "failed"
+    # The dead EngineCore could not unlink its broadcast ring: the pool did.
+    assert pool.detach("doomed").status_code == 200
+    assert set(os.listdir("/dev/shm")) - shm_before == set()

@@ -12,12 +12,14 @@ from tests import helpers
 
 def test_sigterm_stops_everything_and_cleans_up(logs, model_a):
     shm_before = set(os.listdir("/dev/shm"))
-    d = helpers.Daemon(1, os.path.join(logs, "sigterm-pool"))
+    # No spare engine hosts here: this also covers an attach that starts a fresh engine.
+    d = helpers.Daemon(1, os.path.join(logs, "sigterm-pool"), ["--engine-spares", "0"])
     try:
         d.wait_ready()
         r = d.attach(model_a, name="x")
         assert r.status_code == 201, r.text
         inst = r.json()
+        assert inst["engine_host"] == "fresh"
         assert helpers.greedy(inst["url"], model_a, helpers.PROMPTS[:1])
         worker_pid = d.workers()[0]["pid"]
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from vllm_pool import messages
@@ -70,7 +72,21 @@ def test_failure_reason_prefers_root_cause():
     log = ("INFO starting\nValueError: model path /x does not exist\n"
            "RuntimeError: Engine core initialization failed. See root cause above.\n")
     assert failure_reason(log) == "ValueError: model path /x does not exist"
-    assert failure_reason("") == "engine exited without output"
+    assert "no error" in failure_reason("INFO: GET /health 200 OK\n")
+
+
+def test_shm_names_of_a_real_message_queue():
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
+    from vllm_pool import compat
+
+    mq = MessageQueue(1, 1, max_chunk_bytes=1 << 16, max_chunks=2)
+    try:
+        names = compat.shm_names_of_handle(mq.export_handle())
+        assert names and all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    finally:
+        mq.shutdown()
+        del mq
 
 
 def test_vllm_is_supported():

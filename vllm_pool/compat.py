@@ -125,9 +125,9 @@ def dist_ident(instance_id: str) -> str:
 def shm_names_of_handle(handle: Any) -> list[str]:
     """Shared-memory segment names a MessageQueue handle refers to (for reclaim)."""
     names = []
-    buf = getattr(handle, "buffer_handle", None)
-    if buf is not None and len(buf) >= 3 and isinstance(buf[2], str):
-        names.append(buf[2])
+    buf = getattr(handle, "buffer_handle", None)  # (n_reader, chunk bytes, chunks, name)
+    if buf and isinstance(buf[-1], str):
+        names.append(buf[-1])
     arena = getattr(handle, "tensor_arena_handle", None)  # 0.32
     if arena is not None and isinstance(arena[-1], str):
         names.append(arena[-1])
@@ -198,6 +198,33 @@ def isolate_compile_cache(device: Any, local_rank: int) -> None:
     root = os.environ.get("VLLM_CACHE_ROOT") or os.path.join(
         os.path.expanduser(os.environ.get("XDG_CACHE_HOME", "~/.cache")), "vllm")
     os.environ["VLLM_CACHE_ROOT"] = os.path.join(root, f"pool-cuda{device.index}")
+
+
+def allow_forked_engine_core() -> None:
+    """Let EngineCore fork from a warm engine host on the CPU platform too.
+
+    vLLM's CPU platform sets VLLM_WORKER_MULTIPROC_METHOD=spawn in
+    `check_and_update_config`, because its own workers bind OpenMP when they start. Under
+    the pool, neither the API server nor EngineCore computes: the workers are pool
+    processes bound at their own spawn. So the engine host restores `fork` after that
+    call, and EngineCore starts without importing vLLM again. Wraps the classmethod; no
+    vLLM source is changed.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    klass = type(current_platform)
+    original = klass.check_and_update_config
+    if getattr(original, "_vllm_pool_fork", False):
+        return
+
+    def check_and_update_config(cls, vllm_config):
+        original.__func__(cls, vllm_config)
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+
+    check_and_update_config._vllm_pool_fork = True  # type: ignore[attr-defined]
+    klass.check_and_update_config = classmethod(check_and_update_config)
 
 
 def cpu_worker_spawn_env(core: int, threads: int = 1) -> dict[str, str]:

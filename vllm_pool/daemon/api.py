@@ -44,6 +44,7 @@ class InstanceInfo(BaseModel):
     devices: list[str]
     args: list[str]
     engine_pid: int | None
+    engine_host: str
     created_at: float
     uptime_s: float | None
     phases: dict[str, float]
@@ -68,13 +69,15 @@ class Health(BaseModel):
     workers: int
     idle: int
     instances: int
+    engine_spares_ready: int
 
 
 def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
     return InstanceInfo(
         id=i.id, name=i.name, model=i.model, tp=i.tp, pp=i.pp, port=i.port, url=i.url,
         state=i.state, workers=i.slots, devices=[pool.workers[s].device for s in i.slots],
-        args=i.args, engine_pid=i.engine.pid if i.engine else None, created_at=i.created_at,
+        args=i.args, engine_pid=i.engine.pid if i.engine else None,
+        engine_host=i.engine_host, created_at=i.created_at,
         uptime_s=(time.time() - i.ready_at) if i.ready_at and i.state == InstanceState.SERVING
         else None, phases={k: round(v, 4) for k, v in i.phases.items()}, error=i.error)
 
@@ -97,7 +100,9 @@ def build_app(pool: Pool) -> FastAPI:
         ok = all(w.state not in (WorkerState.STARTING, WorkerState.FAILED) for w in ws)
         if pool.stopping or not ok:
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
-        return Health(status="ok", workers=len(ws), idle=idle, instances=len(pool.instances))
+        spares = sum(e.alive() and e.ready() for e in list(pool.spares))
+        return Health(status="ok", workers=len(ws), idle=idle, instances=len(pool.instances),
+                      engine_spares_ready=spares)
 
     @app.get("/workers", response_model=list[WorkerInfo])
     def workers() -> list[WorkerInfo]:

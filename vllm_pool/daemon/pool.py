@@ -29,6 +29,10 @@ from vllm_pool.states import ATTACH_PHASES, InstanceState, WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
 
+# Environment an engine reads at import time: attaches that set it get a fresh process.
+_IMPORT_TIME_ENV = ("VLLM_LOGGING", "VLLM_CONFIGURE_LOGGING", "VLLM_PLUGINS", "CUDA_",
+                    "PYTHON", "LD_", "OMP_", "TORCH", "TRITON", "VLLM_USE_V1", "VLLM_TARGET")
+
 BUSY = (WorkerState.RESERVED, WorkerState.ATTACHING, WorkerState.SERVING,
         WorkerState.DETACHING)
 
@@ -50,6 +54,7 @@ class PoolConfig:
     engine_host: str = "127.0.0.1"
     memory_slack_mib: int = 256
     worker_start_timeout: float = 300.0
+    engine_spares: int = 1                  # pre-warmed engine hosts kept ready
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Instance:
     phases: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     engine: EngineProcess | None = None
+    engine_host: str = ""                   # "spare" (pre-warmed) or "fresh"
     shm_names: set[str] = field(default_factory=set)
 
     @property
@@ -86,6 +92,7 @@ class Pool:
         self.lock = threading.RLock()
         self.authkey = secrets.token_hex(32)
         self.instances: dict[str, Instance] = {}
+        self.spares: list[EngineProcess] = []
         self.stopping = False
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.log_dir, exist_ok=True)
@@ -109,6 +116,34 @@ class Pool:
     def start(self) -> None:
         for w in self.workers.values():
             w.spawn()
+        self._replenish_spares()
+
+    # ---- engine hosts ------------------------------------------------------------------
+    def _engine_base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.cfg.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.cfg.visible_devices
+        return env
+
+    def _replenish_spares(self) -> None:
+        with self.lock:
+            self.spares = [e for e in self.spares if e.alive()]
+            while not self.stopping and len(self.spares) < self.cfg.engine_spares:
+                log = os.path.join(self.cfg.log_dir, f"engine-spare-{uuid.uuid4().hex[:8]}.log")
+                self.spares.append(EngineProcess(self._engine_base_env(), log))
+
+    def _take_spare(self, inst: Instance) -> EngineProcess | None:
+        """A pre-warmed host, unless this attach sets environment that vLLM reads at
+        import time (logging, plugins, devices): such an engine needs a fresh process."""
+        if any(k.startswith(_IMPORT_TIME_ENV) for k in inst.env):
+            return None
+        with self.lock:
+            live = [e for e in self.spares if e.alive()]
+            # Ready ones first; one still importing is still ahead of a fresh process.
+            live.sort(key=lambda e: not e.ready())
+            spare = live[0] if live else None
+            self.spares = [e for e in live if e is not spare]
+        return spare
 
     def wait_ready(self, timeout: float | None = None) -> None:
         timeout = timeout or self.cfg.worker_start_timeout
@@ -124,6 +159,10 @@ class Pool:
             instances = list(self.instances.values())
         for inst in instances:
             self._stop_engine(inst)
+        with self.lock:
+            spares, self.spares = self.spares, []
+        for e in spares:
+            e.stop(timeout=5)
         for w in self.workers.values():
             w.stop()
         for inst in instances:
@@ -214,6 +253,9 @@ class Pool:
         except BaseException as e:
             self._abort_attach(inst, f"{type(e).__name__}: {e}")
             raise
+        finally:
+            # After, not during, the attach: a warming spare would compete for the CPU.
+            threading.Thread(target=self._replenish_spares, daemon=True).start()
         return inst
 
     def _launch_and_wait(self, inst: Instance, timeout: float) -> None:
@@ -234,7 +276,10 @@ class Pool:
         argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, inst.args,
                            device_ids)
         t_launch = time.perf_counter()
-        inst.engine = EngineProcess(argv, env, inst.log_path)
+        spare = self._take_spare(inst)
+        inst.engine_host = "spare" if spare is not None else "fresh"
+        inst.engine = spare or EngineProcess(self._engine_base_env(), inst.log_path)
+        inst.engine.start(argv, env, inst.log_path)
         deadline = time.monotonic() + timeout
         t_reached = t_served = None
         while True:

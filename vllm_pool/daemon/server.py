@@ -61,6 +61,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-host", default="127.0.0.1", help="address attached engines bind")
     p.add_argument("--log-dir", default=None, help="worker and engine logs "
                                                    "(default: ~/.cache/vllm-pool/logs)")
+    p.add_argument("--engine-spares", type=int, default=1,
+                   help="pre-warmed engine hosts kept ready (vLLM imported), so an attach "
+                        "starts no fresh interpreter; 0 disables")
     p.add_argument("--memory-slack-mib", type=int, default=256,
                    help="device memory above the idle baseline a detached worker may keep")
 
@@ -100,7 +103,8 @@ def serve(args: argparse.Namespace) -> int:
     log_dir = args.log_dir or os.path.join(os.path.expanduser("~"), ".cache", "vllm-pool", "logs")
     pool = Pool(PoolConfig(devices=devices, visible_devices=visible, run_dir=run_dir,
                            log_dir=log_dir, engine_host=args.engine_host,
-                           memory_slack_mib=args.memory_slack_mib))
+                           memory_slack_mib=args.memory_slack_mib,
+                           engine_spares=max(0, args.engine_spares)))
     app = build_app(pool)
     if api_key:
         _require_key(app, api_key)

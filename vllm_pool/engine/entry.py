@@ -1,39 +1,93 @@
-"""Entry point of an attached engine: vLLM's own OpenAI API server, unchanged.
+"""An engine host: vLLM's own OpenAI API server, in a process that was warm before the attach.
 
-The daemon starts `python -m vllm_pool.engine.entry --parent-fd N -- <vllm serve args>`.
-The only addition is a guard: EOF on the inherited fd means the daemon died, and the
-engine's whole process group (API server and EngineCore) is terminated, so an engine
-never outlives its pool. Everything after `--` goes to vLLM's api_server as is.
+The daemon starts `python -m vllm_pool.engine.entry --cmd-fd N [--ready-fd M]`. The host
+imports everything the API server and EngineCore need, says `ready` on --ready-fd, and waits
+for one JSON line on --cmd-fd: `{"argv": [...], "env": {...}}`. It then takes that
+environment and runs vLLM's api_server module as `__main__` with those arguments. EngineCore
+is forked from it (VLLM_WORKER_MULTIPROC_METHOD=fork), so it starts with vLLM already
+imported too; this process makes no CUDA context, so forking is what vLLM itself allows.
+
+The command pipe stays open for the engine's life: EOF means the daemon died, and the
+engine's whole process group (API server and EngineCore) is terminated, so no engine
+outlives its pool.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import json
 import os
 import runpy
 import signal
 import sys
 import threading
+import time
+
+# What an attach would otherwise import on its critical path, in the API server and in
+# EngineCore. Missing modules (other vLLM versions) are skipped: this is only a warm-up.
+PREWARM = (
+    "vllm.entrypoints.openai.api_server",
+    "vllm.entrypoints.openai.cli_args",
+    "vllm.v1.engine.core",
+    "vllm.v1.engine.core_client",
+    "vllm.v1.engine.async_llm",
+    "vllm.v1.executor.multiproc_executor",
+    "vllm.v1.core.sched.scheduler",
+    "vllm.model_executor.models.registry",
+    "vllm_pool.executor",
+)
 
 
-def _guard(fd: int) -> None:
+def _guard(cmd) -> None:
     try:
-        while os.read(fd, 1):
+        while cmd.read(1):
             pass
-    except OSError:
+    except (OSError, ValueError):
         pass
     os.killpg(os.getpgrp(), signal.SIGTERM)
 
 
+def prewarm() -> float:
+    t0 = time.perf_counter()
+    for mod in PREWARM:
+        try:
+            importlib.import_module(mod)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    return time.perf_counter() - t0
+
+
 def main() -> None:
-    argv = sys.argv[1:]
-    if len(argv) >= 3 and argv[0] == "--parent-fd" and argv[2] == "--":
-        threading.Thread(target=_guard, args=(int(argv[1]),), daemon=True,
-                         name="PoolParentGuard").start()
-        argv = argv[3:]
+    p = argparse.ArgumentParser(prog="vllm-pool-engine")
+    p.add_argument("--cmd-fd", type=int, required=True)
+    p.add_argument("--ready-fd", type=int, default=None)
+    p.add_argument("--no-prewarm", action="store_true")
+    a = p.parse_args()
+    import setproctitle
+
+    setproctitle.setproctitle("vllm-pool-engine-spare")
+    if not a.no_prewarm:
+        took = prewarm()
+        print(f"vllm-pool engine host warm in {took:.1f}s", flush=True)
+    if a.ready_fd is not None:
+        os.write(a.ready_fd, b"ready\n")
+        os.close(a.ready_fd)
+    cmd = os.fdopen(a.cmd_fd, "rb")
+    line = cmd.readline()
+    if not line:
+        return  # the pool went away before this spare was used
+    order = json.loads(line)
+    setproctitle.setproctitle("vllm-pool-engine")
+    threading.Thread(target=_guard, args=(cmd,), daemon=True, name="PoolParentGuard").start()
+    os.environ.clear()
+    os.environ.update(order["env"])
     from vllm_pool import compat
 
+    if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "fork":
+        compat.allow_forked_engine_core()
     module = compat.api_server_module()
-    sys.argv = [module] + argv
+    sys.argv = [module] + list(order["argv"])
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import json
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -26,18 +28,50 @@ def engine_argv(model: str, host: str, port: int, tp: int, pp: int, extra: list[
 
 
 class EngineProcess:
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: str):
+    """An engine host process: warm (imports done) once `ready`, an engine once `start`ed.
+
+    Spares are started ahead of time by the daemon; an attach that finds none ready
+    starts one on the spot (the same process, just not warm yet).
+    """
+
+    def __init__(self, base_env: dict[str, str], log_path: str, prewarm: bool = True):
         self.log_path = log_path
-        guard_r, self._guard_w = os.pipe()
+        cmd_r, self._cmd_w = os.pipe()
+        ready_r, ready_w = os.pipe()
         log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_pool.engine.entry", "--parent-fd", str(guard_r),
-             "--", *argv],
-            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            pass_fds=(guard_r,), start_new_session=True)
+            [sys.executable, "-m", "vllm_pool.engine.entry", "--cmd-fd", str(cmd_r),
+             "--ready-fd", str(ready_w), *([] if prewarm else ["--no-prewarm"])],
+            env=base_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(cmd_r, ready_w), start_new_session=True)
         log.close()
-        os.close(guard_r)
+        os.close(cmd_r)
+        os.close(ready_w)
+        self._ready_r = ready_r
         self.pid = self.proc.pid
+        self.started = False
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        """True once the host has finished its imports (non-blocking by default)."""
+        if self._ready_r is None:
+            return True
+        r, _, _ = select.select([self._ready_r], [], [], timeout)
+        if r and os.read(self._ready_r, 16).startswith(b"ready"):
+            os.close(self._ready_r)
+            self._ready_r = None
+            return True
+        return False
+
+    def start(self, argv: list[str], env: dict[str, str], log_path: str | None = None) -> None:
+        """Hand the host its engine: vLLM serve arguments and the full environment."""
+        if log_path and log_path != self.log_path:
+            os.rename(self.log_path, log_path)  # the host keeps writing to the same file
+            self.log_path = log_path
+        env = dict(env)
+        # EngineCore forks from this warm process instead of spawning a fresh interpreter.
+        env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+        os.write(self._cmd_w, (json.dumps({"argv": argv, "env": env}) + "\n").encode())
+        self.started = True
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -56,10 +90,13 @@ class EngineProcess:
                 continue
         # EngineCore may outlive the API server by a moment: sweep the group.
         _wait_group_gone(self.pid, timeout)
-        try:
-            os.close(self._guard_w)
-        except OSError:
-            pass
+        for fd in (self._cmd_w, self._ready_r):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._cmd_w = self._ready_r = None
         return self.proc.wait()
 
     def log_tail(self, n: int = 4000) -> str:
@@ -104,9 +141,9 @@ def failure_reason(log_text: str) -> str:
     lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
     errors = [ln for ln in lines if _ERROR_LINE.search(ln)]
     specific = [ln for ln in errors if not any(g in ln for g in _GENERIC)]
-    pick = specific or errors or lines[-1:]
+    pick = specific or errors
     if not pick:
-        return "engine exited without output"
+        return "no error in the engine log (killed?)"
     line = pick[-1]
     m = _ERROR_LINE.search(line)
     return line[m.start():][:1000] if m else line[-1000:]
