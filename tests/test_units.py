@@ -72,6 +72,8 @@ def test_failure_reason_prefers_root_cause():
     log = ("INFO starting\nValueError: model path /x does not exist\n"
            "RuntimeError: Engine core initialization failed. See root cause above.\n")
     assert failure_reason(log) == "ValueError: model path /x does not exist"
+    assert failure_reason("usage: ...\napi_server.py: error: unrecognized arguments: --x\n") \
+        == "api_server.py: error: unrecognized arguments: --x"
     assert "no error" in failure_reason("INFO: GET /health 200 OK\n")
 
 

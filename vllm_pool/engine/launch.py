@@ -131,7 +131,8 @@ def health_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
-_ERROR_LINE = re.compile(r"\b[A-Za-z_.]*(Error|Exception): ")
+# "ValueError: ..." from a traceback, or argparse's "api_server.py: error: ...".
+_ERROR_LINE = re.compile(r"\b[A-Za-z_.]*(Error|Exception): |^\S+: error: ")
 # vLLM's generic wrap-up lines; the root cause is printed before them.
 _GENERIC = ("Engine core initialization failed", "See root cause above")
 
