@@ -154,6 +154,19 @@ class Pool:
         r.raise_for_status()
         return time.perf_counter() - t0
 
+    def wait_spare(self, timeout: float = 180.0) -> None:
+        """Steady state: a pre-warmed engine host is ready, as it is for an attach that
+        does not follow another within seconds (back-to-back attaches are not this)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                h = self.c.get("/health").json()
+                if h.get("engine_spares_ready", 1) >= 1:
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.2)
+
     def stop(self) -> None:
         self.c.close()
         stop_group(self.proc)
@@ -163,14 +176,16 @@ class Pool:
 def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: bool) -> dict:
     env = dict(os.environ, **extra_env)
     cache = cache_state(env)
+    pool.wait_spare()
     t0 = time.perf_counter()
     inst = pool.attach(a, model, name, extra_env)
     t_health = time.perf_counter() - t0
     out = first_completion(inst["url"], model)
     t_first = time.perf_counter() - t0
     res = {"health_s": t_health, "first_completion_s": t_first, "cache": cache,
-           "phases": inst["phases"], "output": out}
+           "phases": inst["phases"], "engine_host": inst.get("engine_host"), "output": out}
     if workload:
+        pool.wait_spare()  # the replacement spare's imports would share the CPU with it
         res["serving"] = asyncio.run(serve_workload(inst["url"], model, a))
     res["detach_s"] = pool.detach(name)
     ws = pool.c.get("/workers").json()
@@ -184,13 +199,15 @@ def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: 
 def run_swap(a, pool: Pool, model_a: str, model_b: str, extra_env: dict) -> dict:
     inst_a = pool.attach(a, model_a, "swap-a", extra_env)
     first_completion(inst_a["url"], model_a)
+    pool.wait_spare()
     t0 = time.perf_counter()
     pool.detach("swap-a")
     inst = pool.attach(a, model_b, "swap-b", extra_env)
     first_completion(inst["url"], model_b)
     t = time.perf_counter() - t0
     pool.detach("swap-b")
-    return {"swap_to_first_completion_s": t, "phases_b": inst["phases"]}
+    return {"swap_to_first_completion_s": t, "phases_b": inst["phases"],
+            "engine_host_b": inst.get("engine_host")}
 
 
 # ---- serving workload -----------------------------------------------------------------
@@ -292,6 +309,8 @@ def main() -> int:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
+    # SIGTERM must run the clean-up below (stopping the pool), not kill us mid-way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     a.engine_args = a.engine_args.split()
     if a.device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -313,6 +332,9 @@ def main() -> int:
                 wl = not a.skip_workload and rep == 0 and mode == a.cache_modes.split(",")[-1]
                 order = ["plain", "attach"] if rep % 2 == 0 else ["attach", "plain"]
                 for who in order:
+                    # Also before plain runs: a spare warming up in the background would
+                    # otherwise compete with the plain server for the CPU.
+                    pool.wait_spare()
                     env = cache_env(mode, scratch)
                     if who == "plain" and a.skip_plain:
                         continue

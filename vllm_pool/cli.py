@@ -81,8 +81,8 @@ def _fmt_phases(phases: dict) -> str:
 
 def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
     body = {"model": args.model, "tp": args.tp, "pp": args.pp, "name": args.name,
-            "port": args.port, "args": extra,
-            "env": dict(kv.split("=", 1) for kv in args.env if "=" in kv), "timeout_s": args.attach_timeout,
+            "port": args.port, "args": extra, "timeout_s": args.attach_timeout,
+            "env": dict(kv.split("=", 1) for kv in args.env if "=" in kv),
             "devices": args.devices.split(",") if args.devices else None}
     t0 = time.perf_counter()
     try:
@@ -94,7 +94,8 @@ def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
         print(json.dumps(inst, indent=2))
         return 0
     print(f"attached {inst['model']} as {inst['name']} (id {inst['id']}) on "
-          f"{','.join(inst['devices'])} in {time.perf_counter() - t0:.2f}s")
+          f"{','.join(inst['devices'])} in {time.perf_counter() - t0:.2f}s "
+          f"({inst['engine_host']} engine host)")
     print(f"endpoint: {inst['url']}/v1")
     print(f"phases:   {_fmt_phases(inst['phases'])}")
     return 0
@@ -138,6 +139,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{i['name']:<20}{i['model'][-31:]:<32}{i['tp']:<4}{i['port']:<7}"
               f"{i['state']:<11}{up:<9}{f'{total:.2f}s' if total else '-'}"
               + (f"  error: {i['error']}" if i["error"] else ""))
+        if i["phases"]:
+            print(f"    {i['engine_host'] or '-'} engine; phases: {_fmt_phases(i['phases'])}")
     return 0
 
 

@@ -239,7 +239,7 @@ class Pool:
                             token=secrets.token_hex(16), run_dir=run_dir,
                             log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"))
             for s in slots:
-                self.workers[s]._set(WorkerState.RESERVED, instance_id=iid)
+                self.workers[s].set_state(WorkerState.RESERVED, instance_id=iid)
                 self.workers[s].send(messages.Lease(instance_id=iid, token=inst.token))
             self.instances[iid] = inst
         inst.phases["reserve"] = time.perf_counter() - t0
@@ -362,11 +362,11 @@ class Pool:
         shared memory and sockets. Called after the engine's process group is gone."""
         for s in inst.slots:
             w = self.workers[s]
-            if w.instance_id != inst.id and w.state not in (WorkerState.RESERVED,):
-                continue
+            if w.instance_id != inst.id:
+                continue  # already back, or leased to another instance since
             if w.state == WorkerState.RESERVED:
                 w.send(messages.Release(instance_id=inst.id))
-                w._set(WorkerState.IDLE, instance_id=None)
+                w.set_state(WorkerState.IDLE, instance_id=None)
             elif w.state in (WorkerState.ATTACHING, WorkerState.SERVING, WorkerState.DETACHING):
                 # The engine is gone, so the worker saw EOF; Abort is the backstop.
                 w.send(messages.Abort(instance_id=inst.id))

@@ -72,11 +72,11 @@ class WorkerHandle:
         self.pid = self.proc.pid
         self.started_at = time.time()
         self.restarts += 1
-        self._set(WorkerState.STARTING, instance_id=None, error=None)
+        self.set_state(WorkerState.STARTING, instance_id=None, error=None)
         threading.Thread(target=self._read_events, args=(evt_r, self.proc), daemon=True,
                          name=f"PoolWorkerEvents-{self.slot}").start()
 
-    def _set(self, state: WorkerState, **kw) -> None:
+    def set_state(self, state: WorkerState, **kw) -> None:
         with self.changed:
             self.state = state
             for k, v in kw.items():
@@ -90,7 +90,7 @@ class WorkerHandle:
                     ev = messages.decode_event(line)
                 except msgspec.DecodeError:
                     continue
-                self._set(ev.state, instance_id=ev.instance_id, memory_bytes=ev.memory_bytes,
+                self.set_state(ev.state, instance_id=ev.instance_id, memory_bytes=ev.memory_bytes,
                           baseline_bytes=ev.baseline_bytes, warmup_s=ev.warmup_s,
                           error=ev.error, **({"phases": ev.phases} if ev.phases else {}),
                           **({"shm_names": ev.shm_names} if ev.shm_names else {}))
@@ -98,7 +98,7 @@ class WorkerHandle:
         # EOF: the process is gone (or going). Reap it so no zombie stays.
         rc = proc.wait()
         if proc is self.proc:
-            self._set(WorkerState.FAILED if self.state != WorkerState.STOPPED else self.state,
+            self.set_state(WorkerState.FAILED if self.state != WorkerState.STOPPED else self.state,
                       error=self.error or f"worker process exited with {rc}")
             self.on_exit(self, rc)
 
@@ -148,6 +148,6 @@ class WorkerHandle:
         except subprocess.TimeoutExpired:
             self.kill()
             self.proc.wait()
-        self._set(WorkerState.STOPPED)
+        self.set_state(WorkerState.STOPPED)
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)
