@@ -91,6 +91,21 @@ def test_shm_names_of_a_real_message_queue():
         del mq
 
 
+def test_referrer_chain_names_the_holder():
+    import torch
+
+    from vllm_pool.worker.reset import describe_live_tensors, referrer_chain
+
+    class Runner:
+        pass
+
+    r = Runner()
+    r.kv_caches = [torch.zeros(1000)]
+    chain = referrer_chain(r.kv_caches[0])
+    assert chain.startswith("list") and "Runner.kv_caches" in chain, chain
+    assert "Runner" in describe_live_tensors(torch.device("cpu"), top=1)
+
+
 def test_vllm_is_supported():
     from vllm_pool import compat
 

@@ -204,8 +204,10 @@ class PoolWorker:
             torch.cuda.empty_cache()
         dirty = clean_check(self.device, self.baseline, self.slack)
         if dirty:
-            logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned",
-                         self.slot, instance_id, dirty)
+            from vllm_pool.worker.reset import describe_live_tensors
+
+            logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned\n%s",
+                         self.slot, instance_id, dirty, describe_live_tensors(self.device))
             self.emit(WorkerState.FAILED, instance_id=instance_id,
                       error=f"unclean after detach: {dirty}")
             os._exit(1)

@@ -127,6 +127,51 @@ def clean_check(device: torch.device | None, baseline: int, slack: int) -> str |
     return None
 
 
+def describe_live_tensors(device, top: int = 3, depth: int = 8) -> str:
+    """For an unclean worker's log: the largest live tensors on the device and the chain
+    of objects that keeps each alive, so the leak can be found and added to teardown."""
+    found = []
+    for obj in gc.get_objects():
+        try:
+            # Real storage only: fake and symbolic tensors from compile caches hold none.
+            if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device == device \
+                    and isinstance(obj.numel(), int):
+                found.append(obj)
+        except Exception:
+            continue
+    found.sort(key=lambda t: t.numel() * t.element_size(), reverse=True)
+    lines = [f"{len(found)} live tensors on {device} (views counted apart)"]
+    for t in found[:top]:
+        lines.append(f"  {tuple(t.shape)} {t.dtype}: {referrer_chain(t, depth, {id(found)})}")
+    return "\n".join(lines)
+
+
+def referrer_chain(obj, depth: int = 8, ignore: set[int] | None = None) -> str:
+    """'list <- dict['kv_caches'] <- GPUModelRunner <- ...': who holds `obj`, upwards."""
+    import inspect
+
+    ignore = set(ignore or ())
+    path, cur = [], obj
+    for _ in range(depth):
+        refs = gc.get_referrers(cur)
+        ignore.add(id(refs))
+        refs = [r for r in refs if id(r) not in ignore and not inspect.isframe(r)]
+        if not refs:
+            path.append("(nothing: a frame, a C extension or a cycle root)")
+            break
+        r = refs[0]
+        desc = type(r).__qualname__
+        if isinstance(r, dict):
+            key = next((k for k, v in r.items() if v is cur), None)
+            desc += f"[{key!r}]" if key is not None else ""
+        elif hasattr(r, "__dict__"):
+            attr = next((k for k, v in vars(r).items() if v is cur), None)
+            desc += f".{attr}" if attr is not None else ""
+        path.append(desc + (f" (+{len(refs) - 1} more)" if len(refs) > 1 else ""))
+        cur = r
+    return " <- ".join(path)
+
+
 def memory_in_use(device: torch.device | None) -> int:
     """Device memory in use on this worker's GPU (all processes), or this process's RSS."""
     if device is not None and device.type == "cuda":
