@@ -33,9 +33,6 @@ logger = logging.getLogger("vllm_pool.daemon")
 _IMPORT_TIME_ENV = ("VLLM_LOGGING", "VLLM_CONFIGURE_LOGGING", "VLLM_PLUGINS", "CUDA_",
                     "PYTHON", "LD_", "OMP_", "TORCH", "TRITON", "VLLM_USE_V1", "VLLM_TARGET")
 
-BUSY = (WorkerState.RESERVED, WorkerState.ATTACHING, WorkerState.SERVING,
-        WorkerState.DETACHING)
-
 
 class AttachError(Exception):
     """The attach failed; the pool is as it was. `status` is the HTTP status."""
