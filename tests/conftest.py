@@ -58,11 +58,13 @@ def reference(model_a, model_b, logs):
     """Greedy outputs of plain vLLM, computed once per (model, TP)."""
     cache: dict = {}
 
-    def get(model: str, tp: int = 1):
-        if (model, tp) not in cache:
-            with helpers.plain_vllm(model, tp, os.path.join(logs, f"plain-tp{tp}.log")) as url:
-                cache[(model, tp)] = helpers.greedy(url, model)
-        return cache[(model, tp)]
+    def get(model: str, tp: int = 1, args: tuple[str, ...] | None = None):
+        key = (model, tp, args)
+        if key not in cache:
+            with helpers.plain_vllm(model, tp, os.path.join(logs, f"plain-tp{tp}.log"),
+                                    list(args) if args else None) as url:
+                cache[key] = helpers.greedy(url, model)
+        return cache[key]
 
     return get
 

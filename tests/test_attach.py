@@ -68,6 +68,21 @@ def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, referen
     assert pool.workers()[0]["pid"] == before[0]["pid"]
 
 
+def test_no_leak_between_attaches_with_other_settings(idle_pool, model_a, model_b, reference):
+    """A, detached, then B with another dtype and max_model_len on the same worker: B
+    must behave exactly as a plain vLLM started with B's settings."""
+    pool = idle_pool
+    _ok(pool.attach(model_a, name="first", devices=["cpu:0"]))
+    assert pool.detach("first").status_code == 200
+    b_args = ("--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
+              "--max-num-seqs", "4", "--seed", "0")
+    inst = _ok(pool.attach(model_b, name="second", devices=["cpu:0"], args=list(b_args)))
+    assert helpers.greedy(inst["url"], model_b) == reference(model_b, 1, b_args)
+    r = httpx.post(inst["url"] + "/v1/completions", timeout=60, json={
+        "model": model_b, "prompt": "x " * 300, "max_tokens": 4})
+    assert r.status_code == 400 and "256" in r.text  # B's max_model_len, not A's 512
+
+
 def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
     inst = _ok(idle_pool.attach(model_a, tp=2, name="tp2"))
     assert sorted(inst["workers"]) == [0, 1]

@@ -180,9 +180,14 @@ class Pool:
         with self.lock:
             inst = next((i for i in self.instances.values() if w.slot in i.slots
                          and i.state in (InstanceState.ATTACHING, InstanceState.SERVING)), None)
-        logger.warning("pool worker %d (pid %s) exited with %s; respawning", w.slot, w.pid, rc)
         if inst is not None:
             self._fail_instance(inst, f"worker {w.slot} (pid {w.pid}) died with exit code {rc}")
+        if not w.ever_idle:
+            # It died before it was ever ready: respawning would only loop.
+            logger.error("pool worker %d failed to start (%s); not respawning it; see %s",
+                         w.slot, w.error, w.log_path)
+            return
+        logger.warning("pool worker %d (pid %s) exited with %s; respawning", w.slot, w.pid, rc)
         w.spawn()
 
     def _fail_instance(self, inst: Instance, reason: str) -> None:

@@ -109,10 +109,15 @@ def serve(args: argparse.Namespace) -> int:
     if api_key:
         _require_key(app, api_key)
     t0 = time.perf_counter()
+    failed: list[str] = []
     logger.info("starting %d pool workers on %s (logs in %s)", len(devices),
                 f"GPUs {visible}" if visible else "CPU cores", log_dir)
     try:
         pool.start()
+        _Server = _server_class()
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        server = _Server(config)
 
         def announce():
             try:
@@ -120,13 +125,14 @@ def serve(args: argparse.Namespace) -> int:
                 logger.info("pool ready: %d workers in %.1fs; control API at http://%s:%d",
                             len(devices), time.perf_counter() - t0, args.host, args.port)
             except RuntimeError as e:
+                # A pool that cannot start its workers (unsupported vLLM, no device) stops
+                # with the reason instead of serving a broken pool.
                 logger.error("%s", e)
+                failed.append(str(e))
+                server.should_exit = True
 
         threading.Thread(target=announce, daemon=True).start()
-        _Server = _server_class()
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                timeout_graceful_shutdown=5)
-        _Server(config).run()
+        server.run()
     finally:
         # A second signal must not cut the clean-up short; each step has its own timeout.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -136,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
         pool.shutdown()
         shutil.rmtree(run_dir, ignore_errors=True)
         logger.info("pool stopped")
-    return 0
+    return 1 if failed else 0
 
 
 def _server_class():

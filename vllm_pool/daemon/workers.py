@@ -44,6 +44,7 @@ class WorkerHandle:
         self.phases: dict[str, float] = {}
         self.started_at = 0.0
         self.restarts = -1
+        self.ever_idle = False             # since the last spawn: tells a crash loop apart
         self.proc: subprocess.Popen | None = None
         self._cmd_w = None
         self._lock = threading.Lock()
@@ -72,6 +73,7 @@ class WorkerHandle:
         self.pid = self.proc.pid
         self.started_at = time.time()
         self.restarts += 1
+        self.ever_idle = False
         self.set_state(WorkerState.STARTING, instance_id=None, error=None)
         threading.Thread(target=self._read_events, args=(evt_r, self.proc), daemon=True,
                          name=f"PoolWorkerEvents-{self.slot}").start()
@@ -79,6 +81,7 @@ class WorkerHandle:
     def set_state(self, state: WorkerState, **kw) -> None:
         with self.changed:
             self.state = state
+            self.ever_idle = self.ever_idle or state == WorkerState.IDLE
             for k, v in kw.items():
                 setattr(self, k, v)
             self.changed.notify_all()
