@@ -186,6 +186,7 @@ class Pool:
             # It died before it was ever ready: respawning would only loop.
             logger.error("pool worker %d failed to start (%s); not respawning it; see %s",
                          w.slot, w.error, w.log_path)
+            w.set_state(WorkerState.FAILED, given_up=True)
             return
         logger.warning("pool worker %d (pid %s) exited with %s; respawning", w.slot, w.pid, rc)
         w.spawn()
@@ -384,7 +385,7 @@ class Pool:
                 # A worker that failed its clean check is being respawned: the workers
                 # go back to the pool only when they can take the next attach.
                 w.wait_for(lambda w: w.state in (WorkerState.IDLE, WorkerState.STOPPED)
-                           or w.instance_id not in (None, inst.id),
+                           or w.given_up or w.instance_id not in (None, inst.id),
                            self.cfg.worker_start_timeout)
         from vllm_pool.compat import dist_ident
 

@@ -45,6 +45,7 @@ class WorkerHandle:
         self.started_at = 0.0
         self.restarts = -1
         self.ever_idle = False             # since the last spawn: tells a crash loop apart
+        self.given_up = False              # failed to start; the pool does not respawn it
         self.proc: subprocess.Popen | None = None
         self._cmd_w = None
         self._lock = threading.Lock()
