@@ -267,14 +267,13 @@ class Pool:
         lease = messages.LeaseInfo(
             instance_id=inst.id, token=inst.token, authkey=self.authkey,
             workers=[messages.WorkerAddress(w.slot, w.device, w.socket_path) for w in workers])
-        env = dict(os.environ)
+        env = self._engine_base_env()
         env.update(inst.env)
         env[messages.LEASE_ENV] = lease.to_json()
         env[messages.RUN_DIR_ENV] = inst.run_dir
         env["VLLM_RPC_BASE_PATH"] = inst.run_dir   # zmq ipc sockets die with the instance
         device_ids = None
         if self.cfg.visible_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.cfg.visible_devices
             device_ids = [int(w.device.split(":")[1]) for w in workers]
         argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, inst.args,
                            device_ids)

@@ -42,7 +42,6 @@ class WorkerHandle:
         self.error: str | None = None
         self.shm_names: list[str] = []
         self.phases: dict[str, float] = {}
-        self.started_at = 0.0
         self.restarts = -1
         self.ever_idle = False             # since the last spawn: tells a crash loop apart
         self.given_up = False              # failed to start; the pool does not respawn it
@@ -72,7 +71,6 @@ class WorkerHandle:
         os.close(evt_w)
         self._cmd_w = os.fdopen(cmd_w, "wb", buffering=0)
         self.pid = self.proc.pid
-        self.started_at = time.time()
         self.restarts += 1
         self.ever_idle = False
         self.set_state(WorkerState.STARTING, instance_id=None, error=None)

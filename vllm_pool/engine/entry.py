@@ -62,14 +62,11 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="vllm-pool-engine")
     p.add_argument("--cmd-fd", type=int, required=True)
     p.add_argument("--ready-fd", type=int, default=None)
-    p.add_argument("--no-prewarm", action="store_true")
     a = p.parse_args()
     import setproctitle
 
     setproctitle.setproctitle("vllm-pool-engine-spare")
-    if not a.no_prewarm:
-        took = prewarm()
-        print(f"vllm-pool engine host warm in {took:.1f}s", flush=True)
+    print(f"vllm-pool engine host warm in {prewarm():.1f}s", flush=True)
     if a.ready_fd is not None:
         os.write(a.ready_fd, b"ready\n")
         os.close(a.ready_fd)

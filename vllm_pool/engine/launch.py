@@ -34,14 +34,14 @@ class EngineProcess:
     starts one on the spot (the same process, just not warm yet).
     """
 
-    def __init__(self, base_env: dict[str, str], log_path: str, prewarm: bool = True):
+    def __init__(self, base_env: dict[str, str], log_path: str):
         self.log_path = log_path
         cmd_r, self._cmd_w = os.pipe()
         ready_r, ready_w = os.pipe()
         log = open(log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vllm_pool.engine.entry", "--cmd-fd", str(cmd_r),
-             "--ready-fd", str(ready_w), *([] if prewarm else ["--no-prewarm"])],
+             "--ready-fd", str(ready_w)],
             env=base_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             pass_fds=(cmd_r, ready_w), start_new_session=True)
         log.close()
@@ -49,7 +49,6 @@ class EngineProcess:
         os.close(ready_w)
         self._ready_r = ready_r
         self.pid = self.proc.pid
-        self.started = False
 
     def ready(self, timeout: float = 0.0) -> bool:
         """True once the host has finished its imports (non-blocking by default)."""
@@ -71,7 +70,6 @@ class EngineProcess:
         # EngineCore forks from this warm process instead of spawning a fresh interpreter.
         env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
         os.write(self._cmd_w, (json.dumps({"argv": argv, "env": env}) + "\n").encode())
-        self.started = True
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -146,5 +144,4 @@ def failure_reason(log_text: str) -> str:
     if not pick:
         return "no error in the engine log (killed?)"
     line = pick[-1]
-    m = _ERROR_LINE.search(line)
-    return line[m.start():][:1000] if m else line[-1000:]
+    return line[_ERROR_LINE.search(line).start():][:1000]

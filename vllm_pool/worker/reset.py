@@ -147,7 +147,7 @@ def describe_live_tensors(device, top: int = 3, depth: int = 8) -> str:
 
 
 def referrer_chain(obj, depth: int = 8, ignore: set[int] | None = None) -> str:
-    """'list <- dict['kv_caches'] <- GPUModelRunner <- ...': who holds `obj`, upwards."""
+    """'list <- GPUModelRunner.kv_caches <- dict['runner'] <- ...': who holds `obj`, upwards."""
     import inspect
 
     ignore = set(ignore or ())
