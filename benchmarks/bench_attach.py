@@ -177,6 +177,7 @@ def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: 
     env = dict(os.environ, **extra_env)
     cache = cache_state(env)
     pool.wait_spare()
+    pids = {w["slot"]: w["pid"] for w in pool.c.get("/workers").json()}
     t0 = time.perf_counter()
     inst = pool.attach(a, model, name, extra_env)
     t_health = time.perf_counter() - t0
@@ -191,7 +192,8 @@ def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: 
     ws = pool.c.get("/workers").json()
     res["memory_after_detach"] = [
         {"device": w["device"], "after_bytes": w["memory_bytes"],
-         "idle_bytes": w["baseline_bytes"], "delta_mib": (w["memory_bytes"] - w["baseline_bytes"]) / 2**20}
+         "idle_bytes": w["baseline_bytes"], "delta_mib": (w["memory_bytes"] - w["baseline_bytes"]) / 2**20,
+         "state": w["state"], "same_pid": w["pid"] == pids.get(w["slot"])}
         for w in ws if w["slot"] in inst["workers"]]
     return res
 
@@ -344,11 +346,13 @@ def main() -> int:
                         r = run_attach(a, pool, model_a, f"bench-{mode}-{rep}", env, wl)
                     r.update(contender=who, cache_mode=mode, rep=rep)
                     result["runs"].append(r)
+                    save(result, a.output_json, partial=True)
                     print(f"[{mode} rep {rep}] {who}: health {r['health_s']:.2f}s, "
                           f"first completion {r['first_completion_s']:.2f}s", flush=True)
                 sw = run_swap(a, pool, model_a, model_b, cache_env(mode, scratch))
                 sw.update(contender="swap", cache_mode=mode, rep=rep)
                 result["runs"].append(sw)
+                save(result, a.output_json, partial=True)
                 print(f"[{mode} rep {rep}] swap A->B: {sw['swap_to_first_completion_s']:.2f}s",
                       flush=True)
     finally:
@@ -357,11 +361,17 @@ def main() -> int:
             if d.startswith("cache-"):
                 shutil.rmtree(os.path.join(scratch, d), ignore_errors=True)
     summarize(result)
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(result, f, indent=2)
+    save(result, a.output_json, partial=False)
     print_table(result)
     return 0
+
+
+def save(result: dict, path: str | None, partial: bool) -> None:
+    """Written after every run too, so a run cut short by a time limit keeps what it got."""
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(result, partial=partial), f, indent=2)
+        os.replace(path + ".tmp", path)
 
 
 def summarize(result: dict) -> None:

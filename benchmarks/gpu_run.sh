@@ -12,9 +12,13 @@ python3 -c "import vllm_pool, importlib.metadata as m; print([e.name for e in m.
 [ -d /root/models/l1b ] || python3 /root/kit/mkmodel.py /root/models/l1b 1b
 [ -d /root/models/l1b-b ] || python3 -m vllm_pool.testing.tiny_model /root/models/l1b-b --size 1b --seed 1 --dtype bfloat16
 export PYTHONUNBUFFERED=1
-python3 benchmarks/bench_attach.py --device gpu --gpus "${GPUS:-0}" --model /root/models/l1b \
+# Leftovers of an earlier command that ran out of time would skew every figure.
+pkill -9 -f "[v]llm_pool\.|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
+# SIGTERM before the device tool's own limit, so the benchmark stops its pool itself.
+timeout -s TERM "${BENCH_TIMEOUT:-520}" python3 benchmarks/bench_attach.py --device gpu --gpus "${GPUS:-0}" --model /root/models/l1b \
   --model-b /root/models/l1b-b --pool-cli vllm --engine-args "--dtype bfloat16 --max-model-len 2048" \
   --log-dir /tmp/bench-logs --output-json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.txt"
 rc=${PIPESTATUS[0]}
+grep -h -A12 "unclean after detach" /tmp/bench-logs/worker-*.log > "$OUT/unclean.txt" 2>/dev/null
 tar -C /tmp -czf "$OUT/logs.tgz" bench-logs 2>/dev/null
 exit $rc

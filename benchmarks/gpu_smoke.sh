@@ -6,8 +6,9 @@ source /root/kit/env.sh
 OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v WARNING
 [ -d /root/models/l1b ] || python3 /root/kit/mkmodel.py /root/models/l1b 1b >/dev/null 2>&1
+pkill -9 -f "[v]llm_pool\.|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null
 P=18100; L=/tmp/smoke-logs; mkdir -p $L
-python3 -m vllm.entrypoints.cli.main serve-pool --gpus 0 --port $P --log-dir $L > $L/daemon.out 2>&1 &
+python3 -m vllm.entrypoints.cli.main serve-pool --gpus "${GPUS:-0}" --port $P --log-dir $L > $L/daemon.out 2>&1 &
 D=$!
 t0=$EPOCHREALTIME
 until curl -sf localhost:$P/health >/dev/null; do sleep 0.5; done
@@ -23,5 +24,6 @@ for i in 1 2; do
   curl -s localhost:$P/workers; echo
 done
 kill -TERM $D; wait $D; echo "daemon exit $?"
+grep -h -A14 "unclean after detach" $L/worker-*.log | cut -c1-400
 nvidia-smi --query-gpu=memory.used --format=csv,noheader
 tar -C /tmp -czf $OUT/smoke-logs.tgz smoke-logs

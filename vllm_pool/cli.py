@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None, prog: str = "vllm-pool") -> int:
     parser = build_parser(prog)
     if argv and argv[0] == "attach":
         args, extra = parser.parse_known_args(argv)
+        # `vllm-pool attach ... -- --dtype x`: the separator is ours, not vLLM's.
+        extra = [a for a in extra if a != "--"]
     else:
         args, extra = parser.parse_args(argv), []
     if args.cmd == "serve":

@@ -184,6 +184,59 @@ def release_config(vllm_config: Any) -> None:
         ctx.clear()
 
 
+def clear_cuda_graphs() -> None:
+    """vLLM's CUDA graph wrappers (piecewise and breakable) drop their captured graphs, so
+    the graph memory pool can be released before the groups the graphs use go away."""
+    for mod, cls in (("vllm.compilation.cuda_graph", "CUDAGraphWrapper"),
+                     ("vllm.compilation.breakable_cudagraph", "BreakableCUDAGraphWrapper")):
+        try:
+            getattr(importlib.import_module(mod), cls).clear_all_graphs()
+        except (ImportError, AttributeError):
+            pass
+
+
+def dynamo_bytecode_hooks() -> dict:
+    """Dynamo's global bytecode-hook registry. vLLM's compile wrapper registers the
+    model's bound `bytecode_hook` there and never removes it, so after a detach the hook
+    keeps the whole model (weights, and through attention layers the KV cache) alive.
+    The worker drops every hook an attach added."""
+    from torch._dynamo import convert_frame
+
+    return getattr(convert_frame, "_bytecode_hooks", {})
+
+
+# Dynamo installs the compiled graph and its helpers as globals of the compiled frame's
+# module (`__compiled_fn_<n>_<uuid>` in vllm/model_executor/models/llama.py, resume
+# functions, module aliases). torch.compiler.reset() leaves them there, and the
+# compiled fn keeps the backend's graph modules (and on GPU their CUDA graphs) alive.
+_DYNAMO_GLOBAL_PREFIXES = ("__compiled_fn", "__resume_at", "___", "__gen_rand_values",
+                           "__builtins_dict__", "__warnings_warn_wrapper", "__import_")
+
+
+def dynamo_installed_globals() -> set[tuple[str, str]]:
+    """(module name, global name) of every Dynamo-installed global now in sys.modules."""
+    import sys
+    import types
+
+    found = set()
+    for mname, mod in list(sys.modules.items()):
+        if not issubclass(type(mod), types.ModuleType):
+            continue
+        # object.__getattribute__: a lazy module would import itself on attribute access.
+        d = object.__getattribute__(mod, "__dict__")
+        for k in list(d):
+            if isinstance(k, str) and k.startswith(_DYNAMO_GLOBAL_PREFIXES):
+                found.add((mname, k))
+    return found
+
+
+def drop_dynamo_installed_globals(keep: set[tuple[str, str]]) -> None:
+    import sys
+
+    for mname, k in dynamo_installed_globals() - keep:
+        object.__getattribute__(sys.modules[mname], "__dict__").pop(k, None)
+
+
 def isolate_compile_cache(device: Any, local_rank: int) -> None:
     """Keep vLLM's compile cache right when a rank runs on another device index.
 

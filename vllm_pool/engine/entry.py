@@ -58,6 +58,18 @@ def prewarm() -> float:
     return time.perf_counter() - t0
 
 
+def trace_stacks(every: str | None) -> None:
+    """Debug aid (VLLM_POOL_TRACE_STACKS=<seconds>): dump every thread's stack to the log
+    that often, here and in the forked EngineCore, to see where start-up time goes."""
+    if not every:
+        return
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(every), repeat=True)
+    os.register_at_fork(
+        after_in_child=lambda: faulthandler.dump_traceback_later(float(every), repeat=True))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="vllm-pool-engine")
     p.add_argument("--cmd-fd", type=int, required=True)
@@ -81,6 +93,7 @@ def main() -> None:
     os.environ.update(order["env"])
     from vllm_pool import compat
 
+    trace_stacks(os.environ.get("VLLM_POOL_TRACE_STACKS"))
     if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "fork":
         compat.allow_forked_engine_core()
     module = compat.api_server_module()

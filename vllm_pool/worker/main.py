@@ -70,6 +70,7 @@ class PoolWorker:
         self.stopping = False
         self.device = None
         self.baseline = 0
+        self.live_baseline: dict[str, int] = {}
         self.warmup_s = 0.0
         self.slack = int(args.memory_slack_mib) * 2**20
 
@@ -113,8 +114,9 @@ class PoolWorker:
             import vllm.model_executor.models.llama  # noqa: F401  common architecture
         except Exception:
             pass
-        from vllm_pool.worker.reset import clean_check, memory_in_use
+        from vllm_pool.worker.reset import clean_check, live_attach_objects, memory_in_use
 
+        self.live_baseline = live_attach_objects()
         err = clean_check(self.device, 0, 1 << 62)
         if err:
             raise RuntimeError(err)
@@ -202,12 +204,12 @@ class PoolWorker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        dirty = clean_check(self.device, self.baseline, self.slack)
+        dirty = clean_check(self.device, self.baseline, self.slack, self.live_baseline)
         if dirty:
-            from vllm_pool.worker.reset import describe_live_tensors
+            from vllm_pool.worker.reset import describe_live_objects
 
             logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned\n%s",
-                         self.slot, instance_id, dirty, describe_live_tensors(self.device))
+                         self.slot, instance_id, dirty, describe_live_objects(self.device, self.live_baseline))
             self.emit(WorkerState.FAILED, instance_id=instance_id,
                       error=f"unclean after detach: {dirty}")
             os._exit(1)
@@ -241,6 +243,11 @@ class PoolWorker:
         snap.remember_worker_class(req.vllm_config)
         os.environ.update(req.env)
         compat.isolate_compile_cache(self.device, req.local_rank)
+        if os.environ.get("VLLM_POOL_TRACE_STACKS"):  # debug aid, see engine/entry.py
+            import faulthandler
+
+            faulthandler.dump_traceback_later(float(os.environ["VLLM_POOL_TRACE_STACKS"]),
+                                              repeat=True)
         threading.Thread(target=self.watch, args=(s,), daemon=True,
                          name="PoolAttachWatch").start()
 
@@ -282,7 +289,11 @@ class PoolWorker:
             self.emit(WorkerState.DETACHING, instance_id=s.instance_id, error=error)
             with s.lock:
                 s.proc = None
-            teardown(proc)
+            if os.environ.get("VLLM_POOL_TRACE_STACKS"):
+                import faulthandler
+
+                faulthandler.cancel_dump_traceback_later()
+            teardown(proc, snap)
             compat.release_config(req.vllm_config)
             snap.restore()
             setproctitle.setproctitle(f"vllm-pool-worker-{self.slot}")

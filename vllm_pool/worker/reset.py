@@ -30,12 +30,16 @@ class ProcessSnapshot:
     sigterm: Any = None
     sigint: Any = None
     class_bases: dict[type, tuple] = field(default_factory=dict)
+    bytecode_hooks: set[int] = field(default_factory=set)
+    dynamo_globals: set[tuple[str, str]] = field(default_factory=set)
 
     @classmethod
     def take(cls) -> "ProcessSnapshot":
         return cls(environ=dict(os.environ), set_num_threads=torch.set_num_threads,
                    sigterm=signal.getsignal(signal.SIGTERM),
-                   sigint=signal.getsignal(signal.SIGINT))
+                   sigint=signal.getsignal(signal.SIGINT),
+                   bytecode_hooks=set(compat.dynamo_bytecode_hooks()),
+                   dynamo_globals=compat.dynamo_installed_globals())
 
     def remember_worker_class(self, vllm_config: Any) -> None:
         """worker_extension_cls rewrites the worker class's bases in place."""
@@ -52,6 +56,13 @@ class ProcessSnapshot:
         except Exception:  # the attach will fail on it with vLLM's own error
             pass
 
+    def drop_compile_state(self) -> None:
+        """What torch.compiler.reset() leaves: hooks and globals that hold the model."""
+        hooks = compat.dynamo_bytecode_hooks()
+        for key in [k for k in hooks if k not in self.bytecode_hooks]:
+            del hooks[key]
+        compat.drop_dynamo_installed_globals(self.dynamo_globals)
+
     def restore(self) -> None:
         for k in list(os.environ):
             if k not in self.environ:
@@ -65,7 +76,7 @@ class ProcessSnapshot:
                 klass.__bases__ = bases
 
 
-def teardown(proc: Any) -> None:
+def teardown(proc: Any, snap: ProcessSnapshot) -> None:
     """Release everything a PoolWorkerProc built. Never raises."""
     from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
 
@@ -78,6 +89,7 @@ def teardown(proc: Any) -> None:
             ("broadcast queue", lambda: proc.rpc_broadcast_mq and proc.rpc_broadcast_mq.shutdown()),
             ("response queue", lambda: proc.worker_response_mq and proc.worker_response_mq.shutdown()),
             ("worker shutdown", lambda: proc.worker.shutdown()),
+            ("cuda graphs", compat.clear_cuda_graphs),
             ("drop model runner", lambda: _drop_model(proc)),
         ]
     steps += [
@@ -85,10 +97,14 @@ def teardown(proc: Any) -> None:
         ("model parallel groups", destroy_model_parallel),
         ("distributed environment", destroy_distributed_environment),
         ("dynamo", torch.compiler.reset),
+        ("dynamo hooks and globals", snap.drop_compile_state),
         ("vllm globals", compat.reset_vllm_globals),
         ("gc", gc.collect),
     ]
     if torch.cuda.is_available():
+        # cuBLAS keeps a workspace per handle and stream (vLLM uses several streams).
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+            steps.append(("cublas workspaces", torch._C._cuda_clearCublasWorkspaces))
         steps.append(("cuda cache", torch.cuda.empty_cache))
     for name, step in steps:
         try:
@@ -110,10 +126,18 @@ def _drop_model(proc: Any) -> None:
     gc.collect()
 
 
-def clean_check(device: torch.device | None, baseline: int, slack: int) -> str | None:
-    """None when clean, else what is wrong. Run after teardown, before reporting idle."""
+def clean_check(device: torch.device | None, baseline: int, slack: int,
+                live_baseline: dict[str, int] | None = None) -> str | None:
+    """None when clean, else what is wrong. Run after teardown, before reporting idle.
+    live_baseline: live_attach_objects() of the idle worker (imports create a few modules)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "torch.distributed is still initialised"
+    if live_baseline is not None:
+        alive = {k: n - live_baseline.get(k, 0) for k, n in live_attach_objects().items()}
+        alive = {k: n for k, n in alive.items() if n > 0}
+        if alive:
+            return "objects of the attach are still alive: " + ", ".join(
+                f"{n} {name}" for name, n in sorted(alive.items()))
     used = memory_in_use(device)
     if device is not None and device.type == "cuda" and used - baseline > slack:
         return (f"device memory {used / 2**20:.0f} MiB is more than {slack / 2**20:.0f} MiB "
@@ -125,6 +149,127 @@ def clean_check(device: torch.device | None, baseline: int, slack: int) -> str |
     except Exception as e:
         return f"device check kernel failed: {e}"
     return None
+
+
+# What an attach builds and a detach must free: model runners, WorkerProcs, worker
+# wrappers, and modules that own parameters (the model's layers). Class names, so vLLM
+# versions with other module layouts match too. Parameter-free modules are not counted:
+# torch builds a few lazily, once per process (an fx `identity` graph in an lru_cache).
+_ATTACH_CLASS_SUFFIXES = ("ModelRunner", "WorkerProc", "WorkerWrapperBase")
+
+
+def _is_attach_object(obj: Any) -> bool:
+    cls = type(obj)
+    if cls.__name__.endswith(_ATTACH_CLASS_SUFFIXES):
+        return True
+    # issubclass on the type, not isinstance: no __class__ lookups on lazy proxies.
+    return issubclass(cls, torch.nn.Module) and bool(vars(obj).get("_parameters"))
+
+
+def live_attach_objects() -> dict[str, int]:
+    """Counts, by class name, of live objects an attach builds (see above)."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        if _is_attach_object(obj):
+            name = type(obj).__name__
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def describe_live_objects(device, live_baseline: dict[str, int] | None = None,
+                          top: int = 3, depth: int = 12) -> str:
+    """For an unclean worker's log: live threads, the attach's surviving objects and the
+    largest live device tensors, each with the chain of objects that keeps it alive, so
+    the holder can be named and released in teardown."""
+    import sys
+    import threading
+
+    lines = ["threads: " + ", ".join(t.name for t in threading.enumerate())]
+    frames = sys._current_frames()
+    for t in threading.enumerate():
+        f = frames.get(t.ident)
+        if f is not None and t is not threading.current_thread():
+            lines.append(f"  {t.name}: {_frame_desc(f)} <- {_frame_desc(f.f_back) if f.f_back else ''}")
+    alive = {k: n - (live_baseline or {}).get(k, 0) for k, n in live_attach_objects().items()}
+    survivors = [o for o in gc.get_objects() if alive.get(type(o).__name__, 0) > 0]
+    for obj in survivors[:top]:
+        lines.append(f"  {type(obj).__qualname__}: {referrer_chain(obj, depth, {id(survivors)})}")
+    want = os.environ.get("VLLM_POOL_DEBUG_REFS")
+    for obj in survivors:
+        if want and type(obj).__name__ == want:
+            lines.append(_referrer_tree(obj, 6, {id(survivors)}))
+            break
+    del survivors
+    if device is not None and device.type == "cuda":
+        lines.append(describe_cuda_memory(device))
+    lines.append(describe_live_tensors(device, top, depth))
+    return "\n".join(lines)
+
+
+def describe_cuda_memory(device) -> str:
+    """What of the device memory in use PyTorch's allocator holds, and in which pools
+    (a pool id other than (0, 0) is a CUDA graph's private pool)."""
+    free, total = torch.cuda.mem_get_info(device)
+    line = (f"cuda: in use {(total - free) / 2**20:.0f} MiB, torch reserved "
+            f"{torch.cuda.memory_reserved(device) / 2**20:.0f} MiB, allocated "
+            f"{torch.cuda.memory_allocated(device) / 2**20:.0f} MiB")
+    try:
+        pools: dict[str, list[int]] = {}
+        for seg in torch.cuda.memory_snapshot():
+            if seg.get("device") != device.index:
+                continue
+            p = pools.setdefault(str(seg.get("segment_pool_id")), [0, 0])
+            p[0] += 1
+            p[1] += int(seg.get("total_size", 0))
+        line += "; segments by pool: " + ", ".join(
+            f"{k}: {n} = {b / 2**20:.0f} MiB" for k, (n, b) in pools.items())
+    except Exception as e:  # noqa: BLE001 - diagnostics only
+        line += f"; no snapshot: {e}"
+    return line
+
+
+def _referrer_tree(obj, depth: int, ignore: set[int]) -> str:
+    """Debug aid: every referrer, level by level (VLLM_POOL_DEBUG_REFS=1)."""
+    import sys
+    import types
+
+    f = sys._getframe()
+    while f is not None:
+        ignore.add(id(f))
+        f = f.f_back
+    out, level = [], [obj]
+    for d in range(depth):
+        nxt = []
+        ignore.add(id(level))
+        ignore.add(id(nxt))
+        for o in level:
+            refs = gc.get_referrers(o)
+            ignore.add(id(refs))
+            for r in refs:
+                if id(r) in ignore:
+                    continue
+                ignore.add(id(r))
+                desc = type(r).__qualname__
+                if isinstance(r, types.CellType):
+                    owners = [fn for fn in gc.get_referrers(r) if isinstance(fn, tuple)]
+                    fns = [g for t in owners for g in gc.get_referrers(t)
+                           if isinstance(g, types.FunctionType)]
+                    desc += " of " + ",".join(g.__qualname__ for g in fns[:3])
+                elif isinstance(r, types.FunctionType):
+                    desc += " " + r.__qualname__
+                elif isinstance(r, types.FrameType):
+                    desc = _frame_desc(r)
+                elif isinstance(r, dict):
+                    key = next((k for k, v in r.items() if v is o), None)
+                    desc += f"[{key!r}] name={r.get('__name__')!r}"
+                out.append("    " * (d + 1) + desc)
+                nxt.append(r)
+        level = nxt[:12]
+    return "\n".join(out)
+
+
+def _frame_desc(f) -> str:
+    return f"frame {f.f_code.co_name} ({os.path.basename(f.f_code.co_filename)}:{f.f_lineno})"
 
 
 def describe_live_tensors(device, top: int = 3, depth: int = 8) -> str:
@@ -139,6 +284,7 @@ def describe_live_tensors(device, top: int = 3, depth: int = 8) -> str:
                 found.append(obj)
         except Exception:
             continue
+    obj = None
     found.sort(key=lambda t: t.numel() * t.element_size(), reverse=True)
     lines = [f"{len(found)} live tensors on {device} (views counted apart)"]
     for t in found[:top]:
@@ -147,29 +293,80 @@ def describe_live_tensors(device, top: int = 3, depth: int = 8) -> str:
 
 
 def referrer_chain(obj, depth: int = 8, ignore: set[int] | None = None) -> str:
-    """'list <- GPUModelRunner.kv_caches <- dict['runner'] <- ...': who holds `obj`, upwards."""
+    """'list <- Runner.kv_caches': who holds `obj`. Breadth-first up the referrers to the
+    nearest named holder (an object attribute, a module global or a thread's frame),
+    through containers (lists, dicts, cells, tuples), skipping our own stack."""
     import inspect
+    import sys
 
     ignore = set(ignore or ())
-    path, cur = [], obj
+    f = sys._getframe()
+    while f is not None:
+        ignore.add(id(f))
+        f = f.f_back
+    parent: dict[int, tuple[Any, Any]] = {id(obj): (obj, None)}
+    level = [obj]
+    ignore.add(id(parent))
+    ignore.add(id(level))
     for _ in range(depth):
-        refs = gc.get_referrers(cur)
-        ignore.add(id(refs))
-        refs = [r for r in refs if id(r) not in ignore and not inspect.isframe(r)]
-        if not refs:
-            path.append("(nothing: a frame, a C extension or a cycle root)")
+        nxt: list = []
+        ignore.add(id(nxt))
+        for cur in level:
+            refs = gc.get_referrers(cur)
+            ignore.add(id(refs))
+            for r in refs[:64]:
+                if id(r) in ignore or id(r) in parent:
+                    continue
+                parent[id(r)] = (r, cur)
+                named = inspect.isframe(r) or _holds_as_attribute(r, cur) or (
+                    isinstance(r, dict) and "__name__" in r and "__builtins__" in r)
+                if named:
+                    return _path(r, parent)
+                nxt.append(r)
+        if not nxt:
             break
-        r = refs[0]
-        desc = type(r).__qualname__
-        if isinstance(r, dict):
-            key = next((k for k, v in r.items() if v is cur), None)
-            desc += f"[{key!r}]" if key is not None else ""
-        elif hasattr(r, "__dict__"):
-            attr = next((k for k, v in vars(r).items() if v is cur), None)
+        level = nxt[:256]
+    return "(no named holder found: a C extension or a cycle root)"
+
+
+def _holds_as_attribute(holder, obj) -> bool:
+    """holder.x is obj, or obj is holder's __dict__ (Python 3.11+ makes it lazily)."""
+    try:
+        d = vars(holder)
+    except TypeError:
+        return False
+    return d is obj or any(v is obj for v in d.values())
+
+
+def _path(top, parent) -> str:
+    import inspect
+
+    chain, node = [], top
+    while node is not None:
+        obj, child = parent[id(node)]
+        if child is None:
+            break
+        if inspect.isframe(obj):
+            desc = _frame_desc(obj)
+        elif isinstance(obj, dict):
+            key = next((k for k, v in obj.items() if v is child), None)
+            name = obj.get("__name__") if "__builtins__" in obj else None
+            desc = (f"module {name}" if name else "dict") + (f"[{key!r}]" if key is not None else "")
+        else:
+            desc = type(obj).__qualname__
+            try:
+                d = vars(obj)
+            except TypeError:
+                d = {}
+            if d is child:  # held through its __dict__: name the attribute
+                grandchild = parent[id(child)][1]
+                attr = next((k for k, v in d.items() if v is grandchild), None)
+            else:
+                attr = next((k for k, v in d.items() if v is child), None)
             desc += f".{attr}" if attr is not None else ""
-        path.append(desc + (f" (+{len(refs) - 1} more)" if len(refs) > 1 else ""))
-        cur = r
-    return " <- ".join(path)
+        chain.append(desc)
+        node = child
+    return " <- ".join(reversed(chain))
 
 
 def memory_in_use(device: torch.device | None) -> int:
