@@ -164,6 +164,13 @@ def reset_vllm_globals() -> None:
         pa._graph_pool_id = None
     except (ImportError, AttributeError):
         pass
+    try:  # the Triton top-k/top-p sampler's scratch buffers, keyed by device and vocab
+        from vllm.v1.sample.ops import topk_topp_triton as tt
+
+        for name in ("_TRITON_BUFFER_CACHE", "_TRITON_TABLE_CACHE", "_TRITON_SPLIT_CACHE"):
+            getattr(tt, name, {}).clear()
+    except ImportError:
+        pass
     from vllm.platforms import current_platform
 
     # The CUDA graph memory pool is a class attribute shared by every runner.

@@ -50,6 +50,7 @@ class PoolConfig:
     log_dir: str
     engine_host: str = "127.0.0.1"
     memory_slack_mib: int = 256
+    context_memory_mib: int = 1024
     worker_start_timeout: float = 300.0
     engine_spares: int = 1                  # pre-warmed engine hosts kept ready
 
@@ -98,7 +99,8 @@ class Pool:
             self.workers[slot] = WorkerHandle(
                 slot, dev, os.path.join(cfg.run_dir, f"worker-{slot}.sock"), self.authkey,
                 self._spawn_env(slot, dev), self._on_event, self._on_worker_exit,
-                os.path.join(cfg.log_dir, f"worker-{slot}.log"), cfg.memory_slack_mib)
+                os.path.join(cfg.log_dir, f"worker-{slot}.log"), cfg.memory_slack_mib,
+                cfg.context_memory_mib)
 
     # ---- start and stop -------------------------------------------------------------
     def _spawn_env(self, slot: int, device: str) -> dict[str, str]:
@@ -268,6 +270,11 @@ class Pool:
             instance_id=inst.id, token=inst.token, authkey=self.authkey,
             workers=[messages.WorkerAddress(w.slot, w.device, w.socket_path) for w in workers])
         env = self._engine_base_env()
+        # EngineCore forks from the warm host (which has no CUDA context) unless this
+        # attach asks otherwise. Not the daemon's own value: the `vllm` CLI sets `spawn`
+        # in its process (cli_env_setup), and a spawned EngineCore imports vLLM again
+        # (16 s on the H100).
+        env["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
         env.update(inst.env)
         env[messages.LEASE_ENV] = lease.to_json()
         env[messages.RUN_DIR_ENV] = inst.run_dir

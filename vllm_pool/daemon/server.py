@@ -65,7 +65,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="pre-warmed engine hosts kept ready (vLLM imported), so an attach "
                         "starts no fresh interpreter; 0 disables")
     p.add_argument("--memory-slack-mib", type=int, default=256,
-                   help="device memory above the idle baseline a detached worker may keep")
+                   help="memory PyTorch may still hold in a detached worker (more: the "
+                        "worker is respawned)")
+    p.add_argument("--context-memory-mib", type=int, default=1024,
+                   help="GPU: CUDA-context memory (loaded kernels, library handles) a "
+                        "detached worker may keep above its idle baseline for the next "
+                        "attach; only process exit frees it; more: the worker is respawned")
 
 
 def _is_loopback(host: str) -> bool:
@@ -104,6 +109,7 @@ def serve(args: argparse.Namespace) -> int:
     pool = Pool(PoolConfig(devices=devices, visible_devices=visible, run_dir=run_dir,
                            log_dir=log_dir, engine_host=args.engine_host,
                            memory_slack_mib=args.memory_slack_mib,
+                           context_memory_mib=args.context_memory_mib,
                            engine_spares=max(0, args.engine_spares)))
     app = build_app(pool)
     if api_key:

@@ -23,7 +23,7 @@ class WorkerHandle:
     def __init__(self, slot: int, device: str, socket_path: str, authkey: str,
                  spawn_env: dict[str, str], on_event: Callable[["WorkerHandle", messages.Event], None],
                  on_exit: Callable[["WorkerHandle", int], None], log_path: str,
-                 memory_slack_mib: int = 256):
+                 memory_slack_mib: int = 256, context_memory_mib: int = 1024):
         self.slot = slot
         self.device = device
         self.socket_path = socket_path
@@ -33,6 +33,7 @@ class WorkerHandle:
         self.on_exit = on_exit
         self.log_path = log_path
         self.memory_slack_mib = memory_slack_mib
+        self.context_memory_mib = context_memory_mib
         self.state = WorkerState.STARTING
         self.instance_id: str | None = None
         self.pid: int | None = None
@@ -61,7 +62,8 @@ class WorkerHandle:
         argv = [sys.executable, "-m", "vllm_pool.worker.main", "--slot", str(self.slot),
                 "--device", self.device, "--socket", self.socket_path,
                 "--cmd-fd", str(cmd_r), "--evt-fd", str(evt_w),
-                "--memory-slack-mib", str(self.memory_slack_mib)]
+                "--memory-slack-mib", str(self.memory_slack_mib),
+                "--context-memory-mib", str(self.context_memory_mib)]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, env=env, pass_fds=(cmd_r, evt_w), stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -60,7 +60,8 @@ def prewarm() -> float:
 
 def trace_stacks(every: str | None) -> None:
     """Debug aid (VLLM_POOL_TRACE_STACKS=<seconds>): dump every thread's stack to the log
-    that often, here and in the forked EngineCore, to see where start-up time goes."""
+    that often, here and in the forked EngineCore, to see where start-up time goes.
+    Debug only: in a pool worker, a dump taken during a Dynamo compile crashed it."""
     if not every:
         return
     import faulthandler

@@ -69,10 +69,10 @@ class PoolWorker:
         self.session: Session | None = None
         self.stopping = False
         self.device = None
-        self.baseline = 0
-        self.live_baseline: dict[str, int] = {}
+        self.baseline = None  # reset.IdleBaseline, measured after warm-up
         self.warmup_s = 0.0
         self.slack = int(args.memory_slack_mib) * 2**20
+        self.context_allowance = int(args.context_memory_mib) * 2**20
 
     # ---- events ---------------------------------------------------------------
     def emit(self, state, **kw) -> None:
@@ -81,7 +81,7 @@ class PoolWorker:
 
         ev = messages.StateChanged(state=state, pid=os.getpid(),
                                    memory_bytes=memory_in_use(self.device),
-                                   baseline_bytes=self.baseline, warmup_s=self.warmup_s, **kw)
+                                   baseline_bytes=self.baseline.device_bytes if self.baseline else 0, warmup_s=self.warmup_s, **kw)
         with self.evt_lock:
             try:
                 self.evt.write(messages.encode(ev))
@@ -114,13 +114,12 @@ class PoolWorker:
             import vllm.model_executor.models.llama  # noqa: F401  common architecture
         except Exception:
             pass
-        from vllm_pool.worker.reset import clean_check, live_attach_objects, memory_in_use
+        from vllm_pool.worker.reset import IdleBaseline, clean_check
 
-        self.live_baseline = live_attach_objects()
-        err = clean_check(self.device, 0, 1 << 62)
+        self.baseline = IdleBaseline.measure(self.device)
+        err = clean_check(self.device, self.baseline, 1 << 62, 0)
         if err:
             raise RuntimeError(err)
-        self.baseline = memory_in_use(self.device)
         self.warmup_s = time.perf_counter() - _T_START
 
     # ---- daemon commands ---------------------------------------------------------
@@ -195,7 +194,7 @@ class PoolWorker:
         import torch
 
         from vllm_pool.states import WorkerState
-        from vllm_pool.worker.reset import clean_check
+        from vllm_pool.worker.reset import clean_check, memory_in_use, torch_reserved
 
         instance_id = self._attach_session(conn)
         if instance_id is None:
@@ -204,15 +203,25 @@ class PoolWorker:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        dirty = clean_check(self.device, self.baseline, self.slack, self.live_baseline)
+        dirty = clean_check(self.device, self.baseline, self.slack, self.context_allowance)
         if dirty:
             from vllm_pool.worker.reset import describe_live_objects
 
             logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned\n%s",
-                         self.slot, instance_id, dirty, describe_live_objects(self.device, self.live_baseline))
+                         self.slot, instance_id, dirty,
+                         describe_live_objects(self.device, self.baseline.live))
             self.emit(WorkerState.FAILED, instance_id=instance_id,
                       error=f"unclean after detach: {dirty}")
             os._exit(1)
+        over = (memory_in_use(self.device) - self.baseline.device_bytes) / 2**20
+        if self.device.type == "cuda":
+            logger.info("worker %d clean after detach of %s: device memory %+.0f MiB over idle "
+                        "(PyTorch %+.0f MiB; the rest is CUDA context kept for the next "
+                        "attach)", self.slot, instance_id, over,
+                        (torch_reserved(self.device) - self.baseline.torch_bytes) / 2**20)
+        else:
+            logger.info("worker %d clean after detach of %s: RSS %+.0f MiB over idle",
+                        self.slot, instance_id, over)
         self.emit(WorkerState.IDLE)
 
     def _attach_session(self, conn: Connection) -> str | None:
@@ -243,11 +252,6 @@ class PoolWorker:
         snap.remember_worker_class(req.vllm_config)
         os.environ.update(req.env)
         compat.isolate_compile_cache(self.device, req.local_rank)
-        if os.environ.get("VLLM_POOL_TRACE_STACKS"):  # debug aid, see engine/entry.py
-            import faulthandler
-
-            faulthandler.dump_traceback_later(float(os.environ["VLLM_POOL_TRACE_STACKS"]),
-                                              repeat=True)
         threading.Thread(target=self.watch, args=(s,), daemon=True,
                          name="PoolAttachWatch").start()
 
@@ -289,10 +293,6 @@ class PoolWorker:
             self.emit(WorkerState.DETACHING, instance_id=s.instance_id, error=error)
             with s.lock:
                 s.proc = None
-            if os.environ.get("VLLM_POOL_TRACE_STACKS"):
-                import faulthandler
-
-                faulthandler.cancel_dump_traceback_later()
             teardown(proc, snap)
             compat.release_config(req.vllm_config)
             snap.restore()
@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cmd-fd", type=int, required=True)
     p.add_argument("--evt-fd", type=int, required=True)
     p.add_argument("--memory-slack-mib", type=int, default=256)
+    p.add_argument("--context-memory-mib", type=int, default=1024)
     args = p.parse_args(argv)
     setproctitle.setproctitle(f"vllm-pool-worker-{args.slot}")
     from vllm_pool.logs import configure_logging

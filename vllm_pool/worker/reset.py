@@ -126,22 +126,50 @@ def _drop_model(proc: Any) -> None:
     gc.collect()
 
 
-def clean_check(device: torch.device | None, baseline: int, slack: int,
-                live_baseline: dict[str, int] | None = None) -> str | None:
+@dataclass
+class IdleBaseline:
+    """The idle worker's footprint, measured once after warm-up."""
+    device_bytes: int = 0  # device memory in use (GPU: whole device) or RSS (CPU)
+    torch_bytes: int = 0   # what PyTorch's CUDA allocator holds
+    live: dict[str, int] = field(default_factory=dict)  # live_attach_objects()
+
+    @classmethod
+    def measure(cls, device: torch.device | None) -> "IdleBaseline":
+        return cls(memory_in_use(device), torch_reserved(device), live_attach_objects())
+
+
+def torch_reserved(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_reserved(device)
+    return 0
+
+
+def clean_check(device: torch.device | None, base: IdleBaseline, slack: int,
+                context_allowance: int) -> str | None:
     """None when clean, else what is wrong. Run after teardown, before reporting idle.
-    live_baseline: live_attach_objects() of the idle worker (imports create a few modules)."""
+
+    Every tensor must be freed: PyTorch's allocator back within `slack` of idle. The CUDA
+    context itself keeps what the attach loaded (kernel images of FlashAttention, Triton
+    and cuBLAS, library handles; measured 0.3 GiB for TP=1, 0.6 GiB for TP=2 on H100/H200
+    with vLLM 0.26), which only process exit frees: up to `context_allowance` of that is
+    kept, as it makes the next attach faster; beyond it the worker is respawned."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "torch.distributed is still initialised"
-    if live_baseline is not None:
-        alive = {k: n - live_baseline.get(k, 0) for k, n in live_attach_objects().items()}
-        alive = {k: n for k, n in alive.items() if n > 0}
-        if alive:
-            return "objects of the attach are still alive: " + ", ".join(
-                f"{n} {name}" for name, n in sorted(alive.items()))
-    used = memory_in_use(device)
-    if device is not None and device.type == "cuda" and used - baseline > slack:
-        return (f"device memory {used / 2**20:.0f} MiB is more than {slack / 2**20:.0f} MiB "
-                f"above the idle baseline {baseline / 2**20:.0f} MiB")
+    alive = {k: n - base.live.get(k, 0) for k, n in live_attach_objects().items()}
+    alive = {k: n for k, n in alive.items() if n > 0}
+    if alive:
+        return "objects of the attach are still alive: " + ", ".join(
+            f"{n} {name}" for name, n in sorted(alive.items()))
+    if device is not None and device.type == "cuda":
+        held = torch_reserved(device) - base.torch_bytes
+        if held > slack:
+            return (f"PyTorch still holds {held / 2**20:.0f} MiB of device memory "
+                    f"(allowed {slack / 2**20:.0f} MiB)")
+        used = memory_in_use(device) - base.device_bytes
+        if used > slack + context_allowance:
+            return (f"device memory is {used / 2**20:.0f} MiB above the idle baseline "
+                    f"{base.device_bytes / 2**20:.0f} MiB (allowed {slack / 2**20:.0f} MiB "
+                    f"+ {context_allowance / 2**20:.0f} MiB of CUDA context)")
     try:  # a small kernel still runs on the device
         x = torch.ones(8, device=device or "cpu")
         if float((x + x).sum()) != 16.0:
