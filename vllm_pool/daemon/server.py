@@ -86,6 +86,12 @@ def serve(args: argparse.Namespace) -> int:
     from vllm_pool.logs import configure_logging
 
     configure_logging("PoolDaemon")
+    from vllm_pool import compat
+
+    try:
+        logger.info("vLLM %s (supported: %s)", compat.check_vllm_version(), compat.SUPPORTED_STR)
+    except compat.UnsupportedVLLM as e:
+        raise SystemExit(str(e)) from None
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
     if not _is_loopback(args.host) and not api_key:
         raise SystemExit(f"--host {args.host} is not loopback: an API key is required "
