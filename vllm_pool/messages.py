@@ -53,6 +53,7 @@ class StateChanged(msgspec.Struct, tag=True):
     error: str | None = None
     phases: dict[str, float] = {}   # worker-side attach phases, seconds
     shm_names: list[str] = []       # shared-memory segments the attach uses (for reclaim)
+    dist_ident: str | None = None   # VLLM_DIST_IDENT: prefix of vLLM's CPU TP segments
     warmup_s: float = 0.0
 
 

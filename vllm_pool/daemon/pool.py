@@ -78,6 +78,7 @@ class Instance:
     engine: EngineProcess | None = None
     engine_host: str = ""                   # "spare" (pre-warmed) or "fresh"
     shm_names: set[str] = field(default_factory=set)
+    dist_idents: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -173,6 +174,8 @@ class Pool:
         inst = self.instances.get(ev.instance_id) if ev.instance_id else None
         if inst is not None and ev.shm_names:
             inst.shm_names.update(ev.shm_names)
+        if inst is not None and ev.dist_ident:
+            inst.dist_idents.add(ev.dist_ident)
         if ev.state == WorkerState.FAILED and inst is not None:
             self._fail_instance(inst, f"worker {w.slot} failed: {ev.error}")
 
@@ -396,8 +399,12 @@ class Pool:
         from vllm_pool.compat import dist_ident
 
         names = set(inst.shm_names)
-        # vLLM's CPU TP communicator segments carry the rendezvous name.
+        # vLLM's CPU TP communicator names its segments `<VLLM_DIST_IDENT>-...`: the
+        # rendezvous file's name on 0.32 (known here), the tcp port before (reported by
+        # the workers once initialised).
         names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/*{dist_ident(inst.id)}*"))
+        for ident in inst.dist_idents:
+            names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm"))
         for name in names:
             _unlink_shm(name)
         shutil.rmtree(inst.run_dir, ignore_errors=True)

@@ -257,7 +257,7 @@ class PoolWorker:
 
         def init_done():
             self.emit(WorkerState.SERVING, instance_id=s.instance_id, phases=dict(phases),
-                      shm_names=shm)
+                      shm_names=shm, dist_ident=os.environ.get("VLLM_DIST_IDENT"))
 
         proc = None
         error = None

@@ -27,6 +27,7 @@ class ProcessSnapshot:
     """What an attach may change in the worker process, captured while idle."""
     environ: dict[str, str] = field(default_factory=dict)
     set_num_threads: Any = None
+    num_threads: int = 0
     sigterm: Any = None
     sigint: Any = None
     class_bases: dict[type, tuple] = field(default_factory=dict)
@@ -36,6 +37,7 @@ class ProcessSnapshot:
     @classmethod
     def take(cls) -> "ProcessSnapshot":
         return cls(environ=dict(os.environ), set_num_threads=torch.set_num_threads,
+                   num_threads=torch.get_num_threads(),
                    sigterm=signal.getsignal(signal.SIGTERM),
                    sigint=signal.getsignal(signal.SIGINT),
                    bytecode_hooks=set(compat.dynamo_bytecode_hooks()),
@@ -69,6 +71,10 @@ class ProcessSnapshot:
                 del os.environ[k]
         os.environ.update(self.environ)
         torch.set_num_threads = self.set_num_threads
+        # vLLM's GPU worker drops to one thread after loading (0.32): the next attach
+        # would load with one.
+        if torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
         signal.signal(signal.SIGTERM, self.sigterm)
         signal.signal(signal.SIGINT, self.sigint)
         for klass, bases in self.class_bases.items():
