@@ -104,6 +104,7 @@ class Daemon:
 def plain_vllm(model: str, tp: int, log_path: str, args=None):
     """Plain `vllm serve` (vLLM's own API server and executor) on the same settings."""
     port = free_port()
+    shm_before = set(os.listdir("/dev/shm"))
     env = dict(os.environ)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     with open(log_path, "ab") as log:
@@ -117,6 +118,14 @@ def plain_vllm(model: str, tp: int, log_path: str, args=None):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+        # Plain vLLM (0.32) leaves its CPU TP segments (`vllm_dist_<uuid>-...-cpushm_<r>`)
+        # when stopped; remove them so test runs do not fill /dev/shm. Not the pool's.
+        for name in set(os.listdir("/dev/shm")) - shm_before:
+            if name.startswith("vllm_dist_") and not name.startswith("vllm_dist_pool_"):
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except FileNotFoundError:
+                    pass
 
 
 def greedy(url: str, model: str, prompts=PROMPTS) -> list[tuple[str, list[int] | None]]:

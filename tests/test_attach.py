@@ -84,10 +84,23 @@ def test_no_leak_between_attaches_with_other_settings(idle_pool, model_a, model_
 
 
 def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
-    inst = _ok(idle_pool.attach(model_a, tp=2, name="tp2"))
+    pool = idle_pool
+    expected = reference(model_a, 2)  # first: plain vLLM 0.27 leaves segments we can't name
+    shm_before = set(os.listdir("/dev/shm"))
+    inst = _ok(pool.attach(model_a, tp=2, name="tp2"))
     assert sorted(inst["workers"]) == [0, 1]
-    assert {w["state"] for w in idle_pool.workers()} == {"serving"}
-    assert helpers.greedy(inst["url"], model_a) == reference(model_a, 2)
+    assert {w["state"] for w in pool.workers()} == {"serving"}
+    assert helpers.greedy(inst["url"], model_a) == expected
+    # kill -9 of one TP rank: the instance fails, the other rank is reclaimed, and no
+    # segment is left, vLLM's CPU TP ones included (named after the rendezvous: the
+    # file on 0.32, the tcp port before).
+    victim = pool.workers()[1]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    pool.wait_workers(lambda ws: ws[1]["pid"] != victim
+                      and all(w["state"] == "idle" for w in ws), 180)
+    assert pool.client.get("/instances/tp2").json()["state"] == "failed"
+    assert pool.detach("tp2").status_code == 200
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 
 def test_two_instances_side_by_side_and_409s(idle_pool, model_a, model_b, reference):

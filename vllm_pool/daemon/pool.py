@@ -404,7 +404,7 @@ class Pool:
         # the workers once initialised).
         names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/*{dist_ident(inst.id)}*"))
         for ident in inst.dist_idents:
-            names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm"))
+            names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm*"))
         for name in names:
             _unlink_shm(name)
         shutil.rmtree(inst.run_dir, ignore_errors=True)
