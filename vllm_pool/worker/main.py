@@ -81,7 +81,8 @@ class PoolWorker:
 
         ev = messages.StateChanged(state=state, pid=os.getpid(),
                                    memory_bytes=memory_in_use(self.device),
-                                   baseline_bytes=self.baseline.device_bytes if self.baseline else 0, warmup_s=self.warmup_s, **kw)
+                                   baseline_bytes=self.baseline.device_bytes if self.baseline else 0,
+                                   warmup_s=self.warmup_s, **kw)
         with self.evt_lock:
             try:
                 self.evt.write(messages.encode(ev))

@@ -228,11 +228,6 @@ def describe_live_objects(device, live_baseline: dict[str, int] | None = None,
     survivors = [o for o in gc.get_objects() if alive.get(type(o).__name__, 0) > 0]
     for obj in survivors[:top]:
         lines.append(f"  {type(obj).__qualname__}: {referrer_chain(obj, depth, {id(survivors)})}")
-    want = os.environ.get("VLLM_POOL_DEBUG_REFS")
-    for obj in survivors:
-        if want and type(obj).__name__ == want:
-            lines.append(_referrer_tree(obj, 6, {id(survivors)}))
-            break
     del survivors
     if device is not None and device.type == "cuda":
         lines.append(describe_cuda_memory(device))
@@ -260,46 +255,6 @@ def describe_cuda_memory(device) -> str:
     except Exception as e:  # noqa: BLE001 - diagnostics only
         line += f"; no snapshot: {e}"
     return line
-
-
-def _referrer_tree(obj, depth: int, ignore: set[int]) -> str:
-    """Debug aid: every referrer, level by level (VLLM_POOL_DEBUG_REFS=1)."""
-    import sys
-    import types
-
-    f = sys._getframe()
-    while f is not None:
-        ignore.add(id(f))
-        f = f.f_back
-    out, level = [], [obj]
-    for d in range(depth):
-        nxt = []
-        ignore.add(id(level))
-        ignore.add(id(nxt))
-        for o in level:
-            refs = gc.get_referrers(o)
-            ignore.add(id(refs))
-            for r in refs:
-                if id(r) in ignore:
-                    continue
-                ignore.add(id(r))
-                desc = type(r).__qualname__
-                if isinstance(r, types.CellType):
-                    owners = [fn for fn in gc.get_referrers(r) if isinstance(fn, tuple)]
-                    fns = [g for t in owners for g in gc.get_referrers(t)
-                           if isinstance(g, types.FunctionType)]
-                    desc += " of " + ",".join(g.__qualname__ for g in fns[:3])
-                elif isinstance(r, types.FunctionType):
-                    desc += " " + r.__qualname__
-                elif isinstance(r, types.FrameType):
-                    desc = _frame_desc(r)
-                elif isinstance(r, dict):
-                    key = next((k for k, v in r.items() if v is o), None)
-                    desc += f"[{key!r}] name={r.get('__name__')!r}"
-                out.append("    " * (d + 1) + desc)
-                nxt.append(r)
-        level = nxt[:12]
-    return "\n".join(out)
 
 
 def _frame_desc(f) -> str:
