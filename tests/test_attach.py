@@ -103,6 +103,30 @@ def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
     assert set(os.listdir("/dev/shm")) - shm_before == set()
 
 
+def test_racing_attaches_book_each_worker_once(idle_pool, model_a, reference):
+    """20 attaches at once for 2 free workers: exactly 2 succeed, on disjoint workers, the
+    other 18 get 409 with a reason, and both winners answer correctly."""
+    pool = idle_pool
+    results: dict[int, httpx.Response] = {}
+
+    def go(i):
+        results[i] = pool.attach(model_a, name=f"race{i}")
+
+    ts = [threading.Thread(target=go, args=(i,)) for i in range(20)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    won = [r.json() for r in results.values() if r.status_code == 201]
+    lost = [r for r in results.values() if r.status_code != 201]
+    assert len(won) == 2 and len(lost) == 18, sorted(r.status_code for r in results.values())
+    assert all(r.status_code == 409 and "free workers" in r.json()["detail"] for r in lost)
+    assert sorted(w for i in won for w in i["workers"]) == [0, 1]
+    assert sorted(i["name"] for i in pool.instances()) == sorted(i["name"] for i in won)
+    for inst in won:
+        assert helpers.greedy(inst["url"], model_a) == reference(model_a, 1)
+
+
 def test_two_instances_side_by_side_and_409s(idle_pool, model_a, model_b, reference):
     pool = idle_pool
     results = {}
