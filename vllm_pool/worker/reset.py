@@ -156,7 +156,7 @@ def clean_check(device: torch.device | None, base: IdleBaseline, slack: int,
 
     Every tensor must be freed: PyTorch's allocator back within `slack` of idle. The CUDA
     context itself keeps what the attach loaded (kernel images of FlashAttention, Triton
-    and cuBLAS, library handles; measured 0.3 GiB for TP=1, 0.6 GiB for TP=2 on H100/H200
+    and cuBLAS, library handles; measured 0.3 GiB for TP=1, 0.6 GiB for TP=2 on H200
     with vLLM 0.26), which only process exit frees: up to `context_allowance` of that is
     kept, as it makes the next attach faster; beyond it the worker is respawned."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
