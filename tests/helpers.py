@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -104,10 +105,10 @@ class Daemon:
 def plain_vllm(model: str, tp: int, log_path: str, args=None):
     """Plain `vllm serve` (vLLM's own API server and executor) on the same settings."""
     port = free_port()
-    shm_before = set(os.listdir("/dev/shm"))
     env = dict(os.environ)
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
     with open(log_path, "ab") as log:
+        log_start = log.tell()
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
              "--port", str(port), "--tensor-parallel-size", str(tp),
@@ -118,14 +119,23 @@ def plain_vllm(model: str, tp: int, log_path: str, args=None):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
-        # Plain vLLM (0.32) leaves its CPU TP segments (`vllm_dist_<uuid>-...-cpushm_<r>`)
-        # when stopped; remove them so test runs do not fill /dev/shm. Not the pool's.
-        for name in set(os.listdir("/dev/shm")) - shm_before:
-            if name.startswith("vllm_dist_") and not name.startswith("vllm_dist_pool_"):
-                try:
-                    os.unlink(os.path.join("/dev/shm", name))
-                except FileNotFoundError:
-                    pass
+        _remove_cpu_tp_segments(log_path, log_start)
+
+
+def _remove_cpu_tp_segments(log_path: str, offset: int) -> None:
+    """Plain vLLM leaves its CPU TP segments in /dev/shm when stopped; they are named after
+    the rendezvous its workers log: remove those, so test runs do not fill /dev/shm."""
+    from vllm_pool import compat
+
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    for method in set(re.findall(r"distributed_init_method=(\S+)", text)):
+        for name in compat.cpu_tp_shm_names(compat.dist_ident_of(method)):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except FileNotFoundError:
+                pass
 
 
 def greedy(url: str, model: str, prompts=PROMPTS) -> list[tuple[str, list[int] | None]]:

@@ -85,7 +85,7 @@ def test_no_leak_between_attaches_with_other_settings(idle_pool, model_a, model_
 
 def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
     pool = idle_pool
-    expected = reference(model_a, 2)  # first: plain vLLM 0.27 leaves segments we can't name
+    expected = reference(model_a, 2)  # first: the /dev/shm check below is the pool's
     shm_before = set(os.listdir("/dev/shm"))
     inst = _ok(pool.attach(model_a, tp=2, name="tp2"))
     assert sorted(inst["workers"]) == [0, 1]

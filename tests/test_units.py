@@ -128,3 +128,10 @@ def test_unsupported_vllm_stops_with_one_clear_message(monkeypatch):
                        r"vllm\.v1\.executor\.multiproc_executor\.NoSuchThing missing; "
                        r"supported: 0\.26-0\.32"):
         compat.check_vllm()
+
+
+def test_dist_ident_as_vllm_cpu_worker_derives_it():
+    from vllm_pool import compat
+
+    assert compat.dist_ident_of("tcp://127.0.0.1:52917") == "52917"
+    assert compat.dist_ident_of("file:///run/x/vllm_dist_pool_ab12") == "vllm_dist_pool_ab12"

@@ -143,6 +143,18 @@ def dist_ident(instance_id: str) -> str:
     return f"vllm_dist_pool_{instance_id}"
 
 
+def cpu_tp_shm_names(ident: str) -> list[str]:
+    """/dev/shm segments of vLLM's CPU TP communicator for one rendezvous: named
+    `<VLLM_DIST_IDENT>-<group>-[<ranks>]-cpushm_<rank>`, where the CPU worker sets the ident
+    to the init method's last part (the file store's name on 0.32, the tcp port before)."""
+    return [os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm*")]
+
+
+def dist_ident_of(init_method: str) -> str:
+    """VLLM_DIST_IDENT as vLLM's CPU worker derives it from the init method."""
+    return os.path.basename(init_method.split(":")[-1])
+
+
 def shm_names_of_handle(handle: Any) -> list[str]:
     """Shared-memory segment names a MessageQueue handle refers to (for reclaim)."""
     names = []

@@ -396,7 +396,7 @@ class Pool:
                 w.wait_for(lambda w: w.state in (WorkerState.IDLE, WorkerState.STOPPED)
                            or w.given_up or w.instance_id not in (None, inst.id),
                            self.cfg.worker_start_timeout)
-        from vllm_pool.compat import dist_ident
+        from vllm_pool.compat import cpu_tp_shm_names, dist_ident
 
         names = set(inst.shm_names)
         # vLLM's CPU TP communicator names its segments `<VLLM_DIST_IDENT>-...`: the
@@ -404,7 +404,7 @@ class Pool:
         # the workers once initialised).
         names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/*{dist_ident(inst.id)}*"))
         for ident in inst.dist_idents:
-            names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm*"))
+            names.update(cpu_tp_shm_names(ident))
         for name in names:
             _unlink_shm(name)
         shutil.rmtree(inst.run_dir, ignore_errors=True)

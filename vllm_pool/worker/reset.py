@@ -161,8 +161,7 @@ def clean_check(device: torch.device | None, base: IdleBaseline, slack: int,
     kept, as it makes the next attach faster; beyond it the worker is respawned."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return "torch.distributed is still initialised"
-    alive = {k: n - base.live.get(k, 0) for k, n in live_attach_objects().items()}
-    alive = {k: n for k, n in alive.items() if n > 0}
+    alive = new_attach_objects(base.live)
     if alive:
         return "objects of the attach are still alive: " + ", ".join(
             f"{n} {name}" for name, n in sorted(alive.items()))
@@ -210,6 +209,12 @@ def live_attach_objects() -> dict[str, int]:
     return counts
 
 
+def new_attach_objects(baseline: dict[str, int]) -> dict[str, int]:
+    """live_attach_objects() above what the idle worker had."""
+    counts = {k: n - baseline.get(k, 0) for k, n in live_attach_objects().items()}
+    return {k: n for k, n in counts.items() if n > 0}
+
+
 def describe_live_objects(device, live_baseline: dict[str, int] | None = None,
                           top: int = 3, depth: int = 12) -> str:
     """For an unclean worker's log: live threads, the attach's surviving objects and the
@@ -224,8 +229,8 @@ def describe_live_objects(device, live_baseline: dict[str, int] | None = None,
         f = frames.get(t.ident)
         if f is not None and t is not threading.current_thread():
             lines.append(f"  {t.name}: {_frame_desc(f)} <- {_frame_desc(f.f_back) if f.f_back else ''}")
-    alive = {k: n - (live_baseline or {}).get(k, 0) for k, n in live_attach_objects().items()}
-    survivors = [o for o in gc.get_objects() if alive.get(type(o).__name__, 0) > 0]
+    alive = new_attach_objects(live_baseline or {})
+    survivors = [o for o in gc.get_objects() if type(o).__name__ in alive]
     for obj in survivors[:top]:
         lines.append(f"  {type(obj).__qualname__}: {referrer_chain(obj, depth, {id(survivors)})}")
     del survivors
@@ -238,9 +243,8 @@ def describe_live_objects(device, live_baseline: dict[str, int] | None = None,
 def describe_cuda_memory(device) -> str:
     """What of the device memory in use PyTorch's allocator holds, and in which pools
     (a pool id other than (0, 0) is a CUDA graph's private pool)."""
-    free, total = torch.cuda.mem_get_info(device)
-    line = (f"cuda: in use {(total - free) / 2**20:.0f} MiB, torch reserved "
-            f"{torch.cuda.memory_reserved(device) / 2**20:.0f} MiB, allocated "
+    line = (f"cuda: in use {memory_in_use(device) / 2**20:.0f} MiB, torch reserved "
+            f"{torch_reserved(device) / 2**20:.0f} MiB, allocated "
             f"{torch.cuda.memory_allocated(device) / 2**20:.0f} MiB")
     try:
         pools: dict[str, list[int]] = {}
