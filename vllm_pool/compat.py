@@ -361,3 +361,81 @@ def api_server_module() -> str:
     from a warm host measured 11 s slower on CPU (its path imports what the shim's does
     not), and the shim is there in every supported version."""
     return "vllm.entrypoints.openai.api_server"
+
+
+# ---- the tail of compile_or_warm_up_model -------------------------------------------
+# Functions vLLM's Worker.compile_or_warm_up_model calls after (or around) the CUDA-graph
+# capture with no log line in between, timed as parts of the `warmup` phase. Each is
+# looked up in the calling module's globals at call time, so wrapping the module
+# attribute times it without touching vLLM's code. Missing ones (other versions) are
+# skipped. (module, attribute, phase name)
+WARMUP_PARTS = (
+    ("vllm.v1.worker.gpu_worker", "warmup_kernels", "warmup_kernels"),  # V2 runner: execute + sample
+    ("vllm.v1.worker.gpu_worker", "kernel_warmup", "kernel_warmup"),    # FlashInfer/DeepGEMM tuning
+    ("vllm.compilation.compiler_interface", "trigger_inductor_lazy_init", "inductor_lazy_init"),
+)
+_warmup_sink: dict[str, float] | None = None
+
+
+def time_warmup_parts() -> None:
+    """Wrap WARMUP_PARTS once per process; times go to the dict set by `warmup_sink`."""
+    import time
+
+    for mod_name, attr, phase in WARMUP_PARTS:
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:  # noqa: BLE001 - CPU builds lack the GPU modules
+            continue
+        fn = getattr(mod, attr, None)
+        if fn is None or getattr(fn, "_vllm_pool_timed", False):
+            continue
+
+        def timed(*args, __fn=fn, __phase=phase, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                if _warmup_sink is not None:
+                    _warmup_sink[__phase] = _warmup_sink.get(__phase, 0.0) \
+                        + time.perf_counter() - t0
+
+        timed._vllm_pool_timed = True  # type: ignore[attr-defined]
+        setattr(mod, attr, timed)
+
+
+def warmup_sink(phases: dict[str, float] | None) -> None:
+    global _warmup_sink
+    _warmup_sink = phases
+
+
+def prepay_once_per_process(device: Any) -> dict[str, float]:
+    """Pay at pool start what vLLM pays once per process at the end of the first warm-up.
+
+    Inductor's lazy init (pattern matchers; CUDA syncs) is process-global state that a
+    model never changes; vLLM itself triggers it after warm-up so that no request pays it.
+    A pool worker is that process, so it pays it before any attach. Returns the times.
+    """
+    import time
+
+    spent: dict[str, float] = {}
+    try:
+        from vllm.compilation.compiler_interface import trigger_inductor_lazy_init
+    except ImportError:
+        return spent
+    t0 = time.perf_counter()
+    trigger_inductor_lazy_init(device)
+    spent["inductor_lazy_init"] = time.perf_counter() - t0
+    return spent
+
+
+def engine_env_defaults() -> dict[str, str]:
+    """vLLM settings the pool turns on for its engines (a per-attach env overrides them).
+
+    VLLM_ENABLE_STARTUP_PLAN: vLLM's own memory-profiling cache (`v1/worker/startup_plan.py`,
+    0.26 and later). It keys the profiled KV-cache size on the vLLM version, the
+    config hash (model, dtype, cache, parallel and compile settings), device name, total
+    memory and capability, torch and CUDA versions, rank and world size, and applies it only
+    if the device has at least as much free memory as when it was measured. A changed
+    input therefore never reuses a stale figure. Its files live under VLLM_CACHE_ROOT.
+    """
+    return {"VLLM_ENABLE_STARTUP_PLAN": "1"}

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from vllm_pool import messages
+from vllm_pool import compat, messages
 from vllm_pool.daemon import allocator
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
@@ -106,8 +106,6 @@ class Pool:
     # ---- start and stop -------------------------------------------------------------
     def _spawn_env(self, slot: int, device: str) -> dict[str, str]:
         if device.startswith("cpu:"):
-            from vllm_pool import compat
-
             return compat.cpu_worker_spawn_env(int(device.split(":")[1]))
         # See all pool GPUs (P2P checks and custom all-reduce need the peers), make a
         # context on one.
@@ -278,6 +276,7 @@ class Pool:
         # in its process (cli_env_setup), and a spawned EngineCore imports vLLM again
         # (16 s on the H100).
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+        env.update(compat.engine_env_defaults())
         env.update(inst.env)
         env[messages.LEASE_ENV] = lease.to_json()
         env[messages.RUN_DIR_ENV] = inst.run_dir
@@ -396,15 +395,14 @@ class Pool:
                 w.wait_for(lambda w: w.state in (WorkerState.IDLE, WorkerState.STOPPED)
                            or w.given_up or w.instance_id not in (None, inst.id),
                            self.cfg.worker_start_timeout)
-        from vllm_pool.compat import cpu_tp_shm_names, dist_ident
-
         names = set(inst.shm_names)
         # vLLM's CPU TP communicator names its segments `<VLLM_DIST_IDENT>-...`: the
         # rendezvous file's name on 0.32 (known here), the tcp port before (reported by
         # the workers once initialised).
-        names.update(os.path.basename(p) for p in glob.glob(f"/dev/shm/*{dist_ident(inst.id)}*"))
+        names.update(os.path.basename(p)
+                     for p in glob.glob(f"/dev/shm/*{compat.dist_ident(inst.id)}*"))
         for ident in inst.dist_idents:
-            names.update(cpu_tp_shm_names(ident))
+            names.update(compat.cpu_tp_shm_names(ident))
         for name in names:
             _unlink_shm(name)
         shutil.rmtree(inst.run_dir, ignore_errors=True)

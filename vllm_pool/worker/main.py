@@ -115,6 +115,9 @@ class PoolWorker:
             import vllm.model_executor.models.llama  # noqa: F401  common architecture
         except Exception:
             pass
+        compat.time_warmup_parts()
+        for part, secs in compat.prepay_once_per_process(self.device).items():
+            logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
         from vllm_pool.worker.reset import IdleBaseline, clean_check
 
         self.baseline = IdleBaseline.measure(self.device)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from vllm.v1.executor.multiproc_executor import WorkerProc
 
+from vllm_pool import compat
 from vllm_pool.messages import AttachRequest
 
 _STOP = object()  # sentinel ending the async output thread
@@ -66,12 +67,15 @@ class PoolWorkerProc(WorkerProc):
             def run(*args, **kwargs):
                 if kwargs.get("profile_only"):  # 0.32 sizes graph memory while profiling
                     return fn(*args, **kwargs)
+                if after is not None:
+                    compat.warmup_sink(self.phases)  # parts of the warm-up, by name
                 t0 = time.perf_counter()
                 try:
                     return fn(*args, **kwargs)
                 finally:
                     self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
                     if after is not None:
+                        compat.warmup_sink(None)
                         after()
             setattr(obj, method, run)
 
