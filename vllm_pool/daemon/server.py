@@ -71,6 +71,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="GPU: CUDA-context memory (loaded kernels, library handles) a "
                         "detached worker may keep above its idle baseline for the next "
                         "attach; only process exit frees it; more: the worker is respawned")
+    g = p.add_argument_group("gateway", "one OpenAI endpoint for the models of a models "
+                             "file, attached on demand (docs/gateway.md)")
+    g.add_argument("--models", default=None, metavar="MODELS_YAML",
+                   help="models file; starts the gateway")
+    g.add_argument("--gateway-host", default="127.0.0.1",
+                   help="gateway address (loopback default; otherwise --api-key is required, "
+                        "and the gateway checks `Authorization: Bearer <key>` as vLLM does)")
+    g.add_argument("--gateway-port", type=int, default=8000, help="gateway port")
+    g.add_argument("--gateway-max-queue", type=int, default=1024,
+                   help="requests that may wait for their model to be attached (over all "
+                        "models); more get 429")
+    g.add_argument("--gateway-queue-timeout", type=float, default=600.0,
+                   help="seconds a request may wait for its model; then 503")
 
 
 def _is_loopback(host: str) -> bool:
@@ -96,6 +109,17 @@ def serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not api_key:
         raise SystemExit(f"--host {args.host} is not loopback: an API key is required "
                          f"(--api-key or ${API_KEY_ENV})")
+    gateway_entries = None
+    if args.models:
+        if not _is_loopback(args.gateway_host) and not api_key:
+            raise SystemExit(f"--gateway-host {args.gateway_host} is not loopback: an API key "
+                             f"is required (--api-key or ${API_KEY_ENV})")
+        from vllm_pool.gateway import models_file
+
+        try:
+            gateway_entries = models_file.load(args.models)
+        except models_file.ModelsFileError as e:
+            raise SystemExit(f"models file refused: {e}") from None
     import uvicorn
 
     from vllm_pool.daemon.api import build_app
@@ -110,6 +134,17 @@ def serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"--cpu-slots must be 1..{os.cpu_count()}")
         devices = [f"cpu:{i}" for i in range(args.cpu_slots)]
         visible = None
+    gateway_sock = None
+    if gateway_entries is not None:
+        from vllm_pool.daemon.pool import _check_args
+        from vllm_pool.gateway import models_file
+        from vllm_pool.gateway.server import bind
+
+        try:
+            models_file.check_against_pool(gateway_entries, devices, args.models, _check_args)
+        except models_file.ModelsFileError as e:
+            raise SystemExit(f"models file refused: {e}") from None
+        gateway_sock = bind(args.gateway_host, args.gateway_port)
     run_dir = tempfile.mkdtemp(prefix=f"vllm-pool-{args.port}-")
     log_dir = args.log_dir or os.path.join(os.path.expanduser("~"), ".cache", "vllm-pool", "logs")
     pool = Pool(PoolConfig(devices=devices, visible_devices=visible, run_dir=run_dir,
@@ -122,6 +157,7 @@ def serve(args: argparse.Namespace) -> int:
         _require_key(app, api_key)
     t0 = time.perf_counter()
     failed: list[str] = []
+    gateway = None
     logger.info("starting %d pool workers on %s (logs in %s)", len(devices),
                 f"GPUs {visible}" if visible else "CPU cores", log_dir)
     try:
@@ -132,10 +168,18 @@ def serve(args: argparse.Namespace) -> int:
         server = _Server(config)
 
         def announce():
+            nonlocal gateway
             try:
                 pool.wait_ready()
                 logger.info("pool ready: %d workers in %.1fs; control API at http://%s:%d",
                             len(devices), time.perf_counter() - t0, args.host, args.port)
+                if gateway_sock is not None:
+                    from vllm_pool.gateway.server import Gateway
+
+                    # After the workers are ready: the gateway's preloads attach at once.
+                    gateway = Gateway(pool, gateway_entries, gateway_sock, api_key,
+                                      args.gateway_max_queue, args.gateway_queue_timeout)
+                    gateway.start()
             except RuntimeError as e:
                 # A pool that cannot start its workers (unsupported vLLM, no device) stops
                 # with the reason instead of serving a broken pool.
@@ -149,6 +193,10 @@ def serve(args: argparse.Namespace) -> int:
         # A second signal must not cut the clean-up short; each step has its own timeout.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if gateway is not None:
+            gateway.stop()
+        elif gateway_sock is not None:
+            gateway_sock.close()
         logger.info("stopping pool: detaching %d instances, stopping workers",
                     len(pool.instances))
         pool.shutdown()

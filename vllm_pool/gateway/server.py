@@ -1,0 +1,74 @@
+"""Run the gateway next to the control API: its own uvicorn server, port and event loop,
+in a thread of the daemon process."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+
+from vllm_pool.daemon.pool import Pool
+from vllm_pool.gateway.models_file import ModelEntry
+
+logger = logging.getLogger("vllm_pool.gateway")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the gateway's port at start, so a taken port stops the daemon at once with
+    the reason rather than leaving a daemon without its gateway."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"gateway: cannot listen on {host}:{port}: {e}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+class Gateway:
+    def __init__(self, pool: Pool, entries: list[ModelEntry], sock: socket.socket,
+                 api_key: str | None, max_queue: int, queue_timeout: float):
+        import uvicorn
+
+        from vllm_pool.gateway.app import build_gateway_app
+        from vllm_pool.gateway.metrics import GatewayMetrics
+        from vllm_pool.gateway.router import Router
+
+        self.sock = sock
+        self.metrics = GatewayMetrics()
+        self.router = Router(pool, entries, self.metrics, max_queue=max_queue,
+                             queue_timeout=queue_timeout)
+        app = build_gateway_app(self.router, self.metrics, api_key)
+        config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                # many concurrent streams: no keep-alive cap below theirs
+                                limit_concurrency=None, backlog=4096)
+
+        class _ThreadServer(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield  # signals belong to the daemon's main thread
+
+        self.server = _ThreadServer(config)
+        self.thread = threading.Thread(target=self._run, name="PoolGateway", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.sock])
+        except BaseException:
+            logger.exception("gateway server stopped with an error")
+
+    def start(self) -> None:
+        self.thread.start()
+        host, port = self.sock.getsockname()[:2]
+        logger.info("gateway at http://%s:%d/v1 (%d models)", host, port,
+                    len(self.router.models))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        self.sock.close()
