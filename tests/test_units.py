@@ -135,3 +135,23 @@ def test_dist_ident_as_vllm_cpu_worker_derives_it():
 
     assert compat.dist_ident_of("tcp://127.0.0.1:52917") == "52917"
     assert compat.dist_ident_of("file:///run/x/vllm_dist_pool_ab12") == "vllm_dist_pool_ab12"
+
+
+def test_registry_inspection_runs_in_a_fork(tmp_path, monkeypatch):
+    """A model-info cache miss is answered by a fork of this (warm) process, and its
+    result is cached like vLLM's own; a failing class gives vLLM's RuntimeError."""
+    from vllm_pool import compat
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    from vllm.model_executor.models import registry
+
+    compat.fork_registry_inspection()
+    assert getattr(registry._run_in_subprocess, "_vllm_pool_fork", False)
+    mi = registry._LazyRegisteredModel("vllm.model_executor.models.llama",
+                                       "LlamaForCausalLM").inspect_model_cls()
+    assert mi.is_text_generation_model
+    assert os.listdir(tmp_path / "modelinfos") == \
+        ["vllm-model_executor-models-llama-LlamaForCausalLM.json"]
+    with pytest.raises(RuntimeError, match="NoSuchModel"):
+        registry._LazyRegisteredModel("vllm.model_executor.models.llama",
+                                      "NoSuchModel").inspect_model_cls()

@@ -439,3 +439,55 @@ def engine_env_defaults() -> dict[str, str]:
     input therefore never reuses a stale figure. Its files live under VLLM_CACHE_ROOT.
     """
     return {"VLLM_ENABLE_STARTUP_PLAN": "1"}
+
+
+def fork_registry_inspection() -> None:
+    """Inspect model classes in a fork of the warm engine host, not a fresh interpreter.
+
+    On a model-info cache miss (a new architecture, a new vLLM, an empty VLLM_CACHE_ROOT)
+    vLLM's registry runs `_run_in_subprocess`: `python -m vllm.model_executor.models.registry`,
+    which imports vLLM again (19 s measured on the H100 host) so that importing the model
+    class cannot touch CUDA in the API server. A fork of this host gives the same isolation
+    (the child imports, reports, exits) with vLLM already imported. Same contract: returns
+    the function's result, raises RuntimeError with the child's error.
+    """
+    import pickle
+    import traceback
+
+    try:
+        from vllm.model_executor.models import registry
+    except ImportError:
+        return
+    if getattr(registry._run_in_subprocess, "_vllm_pool_fork", False):
+        return
+
+    def run_in_fork(fn):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: never return into the parent's stack
+            code = 0
+            try:
+                os.close(r)
+                try:
+                    from vllm.plugins import load_general_plugins
+
+                    load_general_plugins()
+                    payload = pickle.dumps((True, fn()))
+                except BaseException:  # noqa: BLE001 - reported to the parent
+                    payload = pickle.dumps((False, traceback.format_exc()))
+                    code = 1
+                with os.fdopen(w, "wb") as f:
+                    f.write(payload)
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        ok, value = pickle.loads(data) if data else (False, "child exited without a result")
+        if not ok:
+            raise RuntimeError(f"Error raised in subprocess:\n{value}")
+        return value
+
+    run_in_fork._vllm_pool_fork = True  # type: ignore[attr-defined]
+    registry._run_in_subprocess = run_in_fork

@@ -97,6 +97,7 @@ def main() -> None:
     trace_stacks(os.environ.get("VLLM_POOL_TRACE_STACKS"))
     if os.environ.get("VLLM_WORKER_MULTIPROC_METHOD") == "fork":
         compat.allow_forked_engine_core()
+    compat.fork_registry_inspection()
     module = compat.api_server_module()
     sys.argv = [module] + list(order["argv"])
     runpy.run_module(module, run_name="__main__", alter_sys=True)
