@@ -215,7 +215,8 @@ class Router:
                     continue
                 if m.waiting == 0 and not keep:
                     return  # everyone waiting gave up
-                if not self._fits(m.entry):
+                devices = self._devices_for(m.entry)
+                if devices is None:
                     victim = self._pick_victim(m)
                     if victim is not None:
                         await self._evict_model(victim, "lru")
@@ -225,7 +226,7 @@ class Router:
                 try:
                     inst = await asyncio.to_thread(
                         self.pool.attach, m.entry.model, tp=m.entry.tp, name=m.name,
-                        devices=m.entry.devices, args=m.entry.attach_args(),
+                        devices=devices, args=m.entry.attach_args(),
                         env=m.entry.env, timeout=self.attach_timeout)
                 except AttachError as e:
                     if e.status == 409:
@@ -259,11 +260,18 @@ class Router:
         self._set_state(m, ModelState.SERVING)
         return True
 
-    def _fits(self, e: ModelEntry) -> bool:
+    def _devices_for(self, e: ModelEntry) -> list[str] | None:
+        """Free devices for the entry, or None while there is no room. An unpinned entry
+        takes devices no entry is pinned to first, so it does not sit on a pinned
+        model's device and starve it while it serves."""
         workers = list(self.pool.workers.values())
         if e.devices:
-            return all(w.state == WorkerState.IDLE for w in workers if w.device in e.devices)
-        return sum(w.state == WorkerState.IDLE for w in workers) >= e.tp
+            idle = all(w.state == WorkerState.IDLE for w in workers if w.device in e.devices)
+            return list(e.devices) if idle else None
+        pinned = {d for m in self.models.values() for d in (m.entry.devices or ())}
+        free = sorted((w for w in workers if w.state == WorkerState.IDLE),
+                      key=lambda w: (w.device in pinned, w.slot))
+        return [w.device for w in free[:e.tp]] if len(free) >= e.tp else None
 
     def _pick_victim(self, m: Model) -> Model | None:
         """The least recently used serving model with nothing in flight or waiting, whose
