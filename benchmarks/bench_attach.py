@@ -118,7 +118,7 @@ def run_plain(a, model: str, extra_env: dict, log: str, workload: bool) -> dict:
         res = {"health_s": t_health, "first_completion_s": t_first, "cache": cache,
                "output": out}
         if workload:
-            res["serving"] = asyncio.run(serve_workload(url, model, a))
+            res["serving"] = serving(url, model, a)
         return res
     finally:
         stop_group(proc)
@@ -187,7 +187,7 @@ def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: 
            "phases": inst["phases"], "engine_host": inst.get("engine_host"), "output": out}
     if workload:
         pool.wait_spare()  # the replacement spare's imports would share the CPU with it
-        res["serving"] = asyncio.run(serve_workload(inst["url"], model, a))
+        res["serving"] = serving(inst["url"], model, a)
     res["detach_s"] = pool.detach(name)
     ws = pool.c.get("/workers").json()
     res["memory_after_detach"] = [
@@ -213,6 +213,18 @@ def run_swap(a, pool: Pool, model_a: str, model_b: str, extra_env: dict) -> dict
 
 
 # ---- serving workload -----------------------------------------------------------------
+def serving(url: str, model: str, a) -> dict:
+    """The workload `--serving-rounds` times on the same server; each figure is the median
+    over rounds (one round of a few seconds is too noisy on a GPU to compare)."""
+    rounds = [asyncio.run(serve_workload(url, model, a)) for _ in range(a.serving_rounds)]
+    med = statistics.median
+    return {"rounds": rounds,
+            "duration_s": med(r["duration_s"] for r in rounds),
+            "output_tok_per_s": med(r["output_tok_per_s"] for r in rounds),
+            **{k: {q: med(r[k][q] for r in rounds) for q in ("p50", "p90", "p99")}
+               for k in ("ttft_ms", "itl_ms")}}
+
+
 async def serve_workload(url: str, model: str, a) -> dict:
     rng = random.Random(a.seed)
     vocab = list(range(10, 1000))
@@ -304,6 +316,8 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--serving-rounds", type=int, default=1,
+                   help="run the workload this many times per server; medians are reported")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-workload", action="store_true")
     p.add_argument("--skip-plain", action="store_true")
@@ -399,11 +413,17 @@ def summarize(result: dict) -> None:
             m["serving_ratio"] = {
                 "throughput": srv["attach"]["output_tok_per_s"] / srv["plain"]["output_tok_per_s"],
                 "ttft_p50": srv["attach"]["ttft_ms"]["p50"] / srv["plain"]["ttft_ms"]["p50"],
-                "itl_p50": srv["attach"]["itl_ms"]["p50"] / srv["plain"]["itl_ms"]["p50"]}
+                "itl_p50": srv["attach"]["itl_ms"]["p50"] / srv["plain"]["itl_ms"]["p50"],
+                "ttft_p99": srv["attach"]["ttft_ms"]["p99"] / srv["plain"]["ttft_ms"]["p99"],
+                "itl_p99": srv["attach"]["itl_ms"]["p99"] / srv["plain"]["itl_ms"]["p99"]}
         outs = {json.dumps(r["output"]) for r in rs if r["contender"] in ("plain", "attach")}
         m["same_greedy_output"] = len(outs) == 1
         s[mode] = m
     result["summary"] = s
+
+
+def a_rounds(result: dict) -> int:
+    return result["settings"].get("serving_rounds", 1)
 
 
 def print_table(result: dict) -> None:
@@ -435,7 +455,9 @@ def print_table(result: dict) -> None:
             sv, r = m["serving"], m["serving_ratio"]
             print(f"{mode:<7}serving: plain {sv['plain']['output_tok_per_s']:.0f} tok/s, attached "
                   f"{sv['attach']['output_tok_per_s']:.0f} tok/s; ratio thr {r['throughput']:.3f}, "
-                  f"TTFT p50 {r['ttft_p50']:.3f}, ITL p50 {r['itl_p50']:.3f}")
+                  f"TTFT p50 {r['ttft_p50']:.3f}, ITL p50 {r['itl_p50']:.3f}, "
+                  f"TTFT p99 {r['ttft_p99']:.3f}, ITL p99 {r['itl_p99']:.3f} "
+                  f"(medians of {a_rounds(result)} rounds)")
         print(f"{mode:<7}same greedy output plain vs attached: {m['same_greedy_output']}")
 
 

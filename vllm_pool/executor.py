@@ -37,7 +37,8 @@ logger = init_logger(__name__)
 # would (they inherit it there). OpenMP binding and LD_PRELOAD are excluded: a pool worker
 # fixed those at spawn for its own core.
 _FORWARD_PREFIXES = ("VLLM_", "HF_", "TRANSFORMERS_", "HUGGINGFACE_", "TOKENIZERS_",
-                     "TORCH_", "NCCL_", "CUDA_LAUNCH_BLOCKING", "PYTORCH_", "TRITON_")
+                     "TORCH_", "TORCHINDUCTOR_", "TORCHDYNAMO_", "NCCL_", "CUDA_LAUNCH_BLOCKING",
+                     "PYTORCH_", "TRITON_")
 _NOT_FORWARDED = {LEASE_ENV, "VLLM_POOL_AUTHKEY", "VLLM_CPU_OMP_THREADS_BIND",
                   "CUDA_VISIBLE_DEVICES"}
 

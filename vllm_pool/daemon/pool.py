@@ -32,6 +32,8 @@ logger = logging.getLogger("vllm_pool.daemon")
 # Environment an engine reads at import time: attaches that set it get a fresh process.
 _IMPORT_TIME_ENV = ("VLLM_LOGGING", "VLLM_CONFIGURE_LOGGING", "VLLM_PLUGINS", "CUDA_",
                     "PYTHON", "LD_", "OMP_", "TORCH", "TRITON", "VLLM_USE_V1", "VLLM_TARGET")
+# ...except cache locations, which torch and Triton read each time they use the cache.
+_LAZY_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 class AttachError(Exception):
@@ -133,7 +135,7 @@ class Pool:
     def _take_spare(self, inst: Instance) -> EngineProcess | None:
         """A pre-warmed host, unless this attach sets environment that vLLM reads at
         import time (logging, plugins, devices): such an engine needs a fresh process."""
-        if any(k.startswith(_IMPORT_TIME_ENV) for k in inst.env):
+        if any(k.startswith(_IMPORT_TIME_ENV) and k not in _LAZY_ENV for k in inst.env):
             return None
         with self.lock:
             live = [e for e in self.spares if e.alive()]
@@ -340,7 +342,7 @@ class Pool:
 
     def _watch_engine(self, inst: Instance) -> None:
         rc = inst.engine.proc.wait()
-        if inst.state == InstanceState.SERVING:
+        if inst.state == InstanceState.SERVING and not self.stopping:
             self._fail_instance(inst, f"engine exited with code {rc}: "
                                       + failure_reason(inst.engine.log_tail()))
 
