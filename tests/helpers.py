@@ -151,6 +151,13 @@ def greedy(url: str, model: str, prompts=PROMPTS) -> list[tuple[str, list[int] |
     return out
 
 
+def state_file_of(d: Daemon) -> str:
+    """The state file a daemon started without --state-file uses."""
+    from vllm_pool.daemon.state_file import default_path
+
+    return default_path(d.port)
+
+
 def pool_leftovers(port: int) -> dict[str, list[str]]:
     """What the pool on `port` could leave behind: its processes, its rendezvous
     segments in /dev/shm and its run directory."""

@@ -21,8 +21,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
+
 from vllm_pool import compat, messages
-from vllm_pool.daemon import allocator
+from vllm_pool.daemon import allocator, state_file
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
 from vllm_pool.states import ATTACH_PHASES, InstanceState, WorkerState
@@ -55,6 +57,8 @@ class PoolConfig:
     context_memory_mib: int = 1024
     worker_start_timeout: float = 300.0
     engine_spares: int = 1                  # pre-warmed engine hosts kept ready
+    state_path: str | None = None           # state file for reclaim after a crash
+    control_port: int = 0
 
 
 @dataclass
@@ -95,6 +99,7 @@ class Pool:
         self.instances: dict[str, Instance] = {}
         self.spares: list[EngineProcess] = []
         self.stopping = False
+        self._writer: threading.Thread | None = None
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.log_dir, exist_ok=True)
         self.workers: dict[int, WorkerHandle] = {}
@@ -117,6 +122,53 @@ class Pool:
         for w in self.workers.values():
             w.spawn()
         self._replenish_spares()
+        if self.cfg.state_path:
+            self._writer = threading.Thread(target=self._persist_loop, daemon=True,
+                                            name="PoolStateWriter")
+            self._writer.start()
+
+    # ---- state on disk (see state_file) ------------------------------------------------
+    def state_record(self) -> state_file.StateRecord:
+        procs: list[state_file.ProcRecord] = []
+
+        def add(pid: int | None, role: str) -> None:
+            st = state_file.proc_start_time(pid) if pid else None
+            if st is not None:
+                procs.append(state_file.ProcRecord(pid=pid, start_time=st, role=role))
+
+        with self.lock:
+            for w in self.workers.values():
+                add(w.pid, f"worker-{w.slot}")
+            for e in self.spares:
+                add(e.pid, "spare")
+            insts = []
+            for i in self.instances.values():
+                if i.engine is not None:
+                    add(i.engine.pid, f"engine-{i.id}")
+                insts.append(state_file.InstanceRecord(
+                    id=i.id, name=i.name, model=i.model, slots=list(i.slots), port=i.port,
+                    shm_names=sorted(i.shm_names), run_dir=i.run_dir,
+                    shm_globs=[f"*{compat.dist_ident(i.id)}*"]
+                    + [f"{ident}-*-cpushm*" for ident in sorted(i.dist_idents)]))
+        return state_file.StateRecord(
+            daemon_pid=os.getpid(), daemon_start_time=state_file.proc_start_time(os.getpid()) or 0,
+            control_port=self.cfg.control_port, run_dir=self.cfg.run_dir, processes=procs,
+            instances=insts)
+
+    def _persist_loop(self) -> None:
+        """Rewrite the state file when it changes (polled: every change of a PID or an
+        instance is caught within 0.2 s, without a hook on each code path)."""
+        last = b""
+        while not self.stopping:
+            try:
+                rec = self.state_record()
+                enc = msgspec.json.encode(rec)
+                if enc != last:
+                    state_file.save(self.cfg.state_path, rec)
+                    last = enc
+            except Exception:  # noqa: BLE001 - never let the writer die silently
+                logger.exception("could not write the pool state file %s", self.cfg.state_path)
+            time.sleep(0.2)
 
     # ---- engine hosts ------------------------------------------------------------------
     def _engine_base_env(self) -> dict[str, str]:
@@ -168,6 +220,14 @@ class Pool:
         for inst in instances:
             self._reclaim(inst)
         shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
+        if self._writer is not None:
+            self._writer.join(timeout=5)
+        if self.cfg.state_path:
+            # Everything recorded is stopped and removed: nothing for a next daemon to do.
+            try:
+                os.unlink(self.cfg.state_path)
+            except FileNotFoundError:
+                pass
 
     # ---- events from workers ----------------------------------------------------------
     def _on_event(self, w: WorkerHandle, ev: messages.Event) -> None:

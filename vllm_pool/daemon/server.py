@@ -64,6 +64,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-spares", type=int, default=1,
                    help="pre-warmed engine hosts kept ready (vLLM imported), so an attach "
                         "starts no fresh interpreter; 0 disables")
+    p.add_argument("--state-file", default=None,
+                   help="where the daemon records its processes and instances, so a daemon "
+                        "started after a crash stops and removes what the dead one left "
+                        "(default: ~/.cache/vllm-pool/pool-<port>.state.json; 'none' disables)")
     p.add_argument("--memory-slack-mib", type=int, default=256,
                    help="memory PyTorch may still hold in a detached worker (more: the "
                         "worker is respawned)")
@@ -145,13 +149,25 @@ def serve(args: argparse.Namespace) -> int:
         except models_file.ModelsFileError as e:
             raise SystemExit(f"models file refused: {e}") from None
         gateway_sock = bind(args.gateway_host, args.gateway_port)
+    from vllm_pool.daemon import state_file
+
+    state_path = None if args.state_file == "none" else (
+        args.state_file or state_file.default_path(args.port))
+    if state_path:
+        os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
+        try:
+            for line in state_file.reclaim(state_path):
+                logger.warning("reclaimed after an earlier daemon's crash: %s", line)
+        except state_file.DaemonAlive as e:
+            raise SystemExit(str(e)) from None
     run_dir = tempfile.mkdtemp(prefix=f"vllm-pool-{args.port}-")
     log_dir = args.log_dir or os.path.join(os.path.expanduser("~"), ".cache", "vllm-pool", "logs")
     pool = Pool(PoolConfig(devices=devices, visible_devices=visible, run_dir=run_dir,
                            log_dir=log_dir, engine_host=args.engine_host,
                            memory_slack_mib=args.memory_slack_mib,
                            context_memory_mib=args.context_memory_mib,
-                           engine_spares=max(0, args.engine_spares)))
+                           engine_spares=max(0, args.engine_spares),
+                           state_path=state_path, control_port=args.port))
     app = build_app(pool)
     if api_key:
         _require_key(app, api_key)

@@ -1,0 +1,147 @@
+"""The daemon's state on disk, so that a daemon started after a crash finds what the dead
+one left behind.
+
+The running daemon rewrites the file atomically (temp file + os.replace) whenever its
+processes or instances change: worker, engine and spare-host PIDs (with their start times,
+so a recycled PID is never mistaken for ours), each instance's shared-memory segments and
+run directory. On start, a daemon given the same file first reclaims it:
+
+- the recorded daemon still runs (same PID and start time): refuse to start, two daemons
+  must never own the same devices;
+- otherwise every recorded process that still runs is killed with its process group, the
+  recorded shared memory is unlinked, the run directory removed.
+
+Nothing is adopted. Workers and engines end themselves when their daemon dies (EOF on the
+pipes the daemon holds), so a survivor is a process that could not notice: hung in a device
+call or stopped. Stopping it is the one safe choice; an instance cannot be re-attached to a
+daemon that no longer holds its workers' command pipes and lease tokens.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+import signal
+import time
+
+import msgspec
+
+logger = logging.getLogger("vllm_pool.daemon")
+
+
+class ProcRecord(msgspec.Struct):
+    pid: int
+    start_time: int     # /proc/<pid>/stat field 22: tells a recycled PID apart
+    role: str           # "worker-<slot>", "engine-<instance id>", "spare"
+
+
+class InstanceRecord(msgspec.Struct):
+    id: str
+    name: str
+    model: str
+    slots: list[int]
+    port: int
+    shm_names: list[str] = []
+    shm_globs: list[str] = []       # patterns of segments named after the instance
+    run_dir: str = ""
+
+
+class StateRecord(msgspec.Struct):
+    daemon_pid: int
+    daemon_start_time: int
+    control_port: int
+    run_dir: str
+    processes: list[ProcRecord] = []
+    instances: list[InstanceRecord] = []
+
+
+class DaemonAlive(RuntimeError):
+    pass
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Start time of `pid` in clock ticks since boot, or None if it does not run."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rfind(")") + 2:].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, start_time: int) -> bool:
+    return pid > 0 and proc_start_time(pid) == start_time
+
+
+def save(path: str, rec: StateRecord) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(msgspec.json.encode(rec))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str) -> StateRecord | None:
+    try:
+        with open(path, "rb") as f:
+            return msgspec.json.decode(f.read(), type=StateRecord)
+    except FileNotFoundError:
+        return None
+    except (OSError, msgspec.DecodeError) as e:
+        logger.warning("ignoring unreadable pool state file %s: %s", path, e)
+        return None
+
+
+def reclaim(path: str, timeout: float = 10.0) -> list[str]:
+    """Stop and remove what a dead daemon recorded in `path`; returns what was done.
+    Raises DaemonAlive if the recorded daemon still runs."""
+    rec = load(path)
+    if rec is None:
+        return []
+    if rec.daemon_pid != os.getpid() and same_process(rec.daemon_pid, rec.daemon_start_time):
+        raise DaemonAlive(f"another vllm-pool daemon (pid {rec.daemon_pid}, control port "
+                          f"{rec.control_port}) owns the state file {path}; stop it first")
+    done: list[str] = []
+    survivors = [p for p in rec.processes if same_process(p.pid, p.start_time)]
+    for p in survivors:
+        for target, kill in ((p.pid, os.killpg), (p.pid, os.kill)):
+            try:
+                kill(target, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        done.append(f"killed {p.role} (pid {p.pid})")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+            same_process(p.pid, p.start_time) for p in survivors):
+        time.sleep(0.05)
+    for inst in rec.instances:
+        names = set(inst.shm_names)
+        for pattern in inst.shm_globs:
+            names.update(os.path.basename(p) for p in glob.glob(os.path.join("/dev/shm", pattern)))
+        removed = 0
+        for name in names:
+            try:
+                os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
+                removed += 1
+            except OSError:
+                pass
+        if removed:
+            done.append(f"removed {removed} shared-memory segments of instance {inst.name}")
+    if rec.run_dir and os.path.isdir(rec.run_dir):
+        shutil.rmtree(rec.run_dir, ignore_errors=True)
+        done.append(f"removed run directory {rec.run_dir}")
+    os.unlink(path)
+    return done
+
+
+def default_path(control_port: int) -> str:
+    base = os.path.join(os.path.expanduser("~"), ".cache", "vllm-pool")
+    return os.path.join(base, f"pool-{control_port}.state.json")
