@@ -167,3 +167,30 @@ def pool_leftovers(port: int) -> dict[str, list[str]]:
     tmp = os.environ.get("TMPDIR", "/tmp")
     dirs = [n for n in os.listdir(tmp) if n.startswith(f"vllm-pool-{port}-")]
     return {"processes": mine, "shm": shm, "run_dirs": dirs}
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> command line (as ps shows it, titles included) of `root`'s descendants. The
+    engines and workers a daemon starts are in their own sessions, but still its
+    children: this finds them whatever else runs on the machine."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True,
+                         text=True).stdout
+    children: dict[int, list[tuple[int, str]]] = {}
+    for ln in out.splitlines():
+        parts = ln.split(None, 2)
+        if len(parts) >= 2:
+            children.setdefault(int(parts[1]), []).append(
+                (int(parts[0]), parts[2] if len(parts) > 2 else ""))
+    tree: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        for pid, args in children.get(todo.pop(), []):
+            tree[pid] = args
+            todo.append(pid)
+    return tree
+
+
+def running_engines(daemon_pid: int) -> list[str]:
+    """Attached engines (API server, EngineCore) under a daemon; spare hosts excluded."""
+    return [a for a in process_tree(daemon_pid).values()
+            if a.strip() == "vllm-pool-engine" or "EngineCore" in a]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -49,6 +49,9 @@ class InstanceInfo(BaseModel):
     uptime_s: float | None
     phases: dict[str, float]
     error: str | None
+    parked_at: float | None = None
+    host_bytes: int = Field(0, description="parked: host memory it holds (RSS over idle)")
+    woken: bool = Field(False, description="the last attach request woke it from parking")
 
 
 class WorkerInfo(BaseModel):
@@ -75,11 +78,12 @@ class Health(BaseModel):
 def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
     return InstanceInfo(
         id=i.id, name=i.name, model=i.model, tp=i.tp, pp=i.pp, port=i.port, url=i.url,
-        state=i.state, workers=i.slots, devices=[pool.workers[s].device for s in i.slots],
+        state=i.state, workers=i.slots, devices=list(i.devices),
         args=i.args, engine_pid=i.engine.pid if i.engine else None,
         engine_host=i.engine_host, created_at=i.created_at,
         uptime_s=(time.time() - i.ready_at) if i.ready_at and i.state == InstanceState.SERVING
-        else None, phases={k: round(v, 4) for k, v in i.phases.items()}, error=i.error)
+        else None, phases={k: round(v, 4) for k, v in i.phases.items()}, error=i.error,
+        parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken)
 
 
 def worker_info(w: WorkerHandle) -> WorkerInfo:
@@ -89,15 +93,76 @@ def worker_info(w: WorkerHandle) -> WorkerInfo:
                       restarts=max(0, w.restarts), error=w.error)
 
 
+# The largest attach body is a few KiB (model path, <=256 args, <=128 env entries).
+MAX_BODY_BYTES = 1 << 20
+
+
+class BodySizeLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before any route
+    sees it, whether it announces its size (Content-Length) or streams it (chunked).
+    Bodies under the limit are read here and replayed to the app unchanged."""
+
+    def __init__(self, app, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return await _reply(send, 400, "bad Content-Length")
+            if n > self.limit:
+                return await _reply(send, 413, f"request body over {self.limit} bytes")
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                return
+            size += len(msg.get("body", b""))
+            if size > self.limit:
+                return await _reply(send, 413, f"request body over {self.limit} bytes")
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # http.disconnect, for streaming responses
+
+        return await self.app(scope, replay, send)
+
+
+async def _reply(send, status: int, detail: str) -> None:
+    import json
+
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def build_app(pool: Pool) -> FastAPI:
     app = FastAPI(title="vllm-pool", version="0.1.0",
                   description="Warm GPU worker pool for vLLM: attach and detach models.")
+    app.add_middleware(BodySizeLimit, limit=MAX_BODY_BYTES)
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
         ws = list(pool.workers.values())
         idle = sum(w.state == WorkerState.IDLE for w in ws)
-        ok = all(w.state not in (WorkerState.STARTING, WorkerState.FAILED) for w in ws)
+        # Workers started beside parked ones do not make the pool unready while they warm.
+        ok = all(w.state not in (WorkerState.STARTING, WorkerState.FAILED)
+                 for w in ws if not w.extra)
         if pool.stopping or not ok:
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
         spares = sum(e.alive() and e.ready() for e in list(pool.spares))
@@ -115,7 +180,8 @@ def build_app(pool: Pool) -> FastAPI:
     @app.post("/instances", response_model=InstanceInfo, status_code=201,
               responses={409: {"description": "not enough free workers, or name/port taken"},
                          400: {"description": "the engine failed to start"}})
-    async def attach(body: AttachBody) -> InstanceInfo:
+    async def attach(body: AttachBody, response: Response) -> InstanceInfo:
+        """Attach; a parked instance with the same settings is woken instead (200)."""
         try:
             inst = await run_in_threadpool(
                 pool.attach, body.model, tp=body.tp, pp=body.pp, name=body.name,
@@ -123,6 +189,8 @@ def build_app(pool: Pool) -> FastAPI:
                 timeout=body.timeout_s)
         except AttachError as e:
             raise HTTPException(e.status, str(e)) from None
+        if inst.woken:
+            response.status_code = 200
         return instance_info(pool, inst)
 
     @app.get("/instances/{ref}", response_model=InstanceInfo,
@@ -136,9 +204,10 @@ def build_app(pool: Pool) -> FastAPI:
     @app.delete("/instances/{ref}", response_model=InstanceInfo,
                 responses={404: {"description": "no such instance"},
                            409: {"description": "instance is attaching or detaching"}})
-    async def detach(ref: str) -> InstanceInfo:
+    async def detach(ref: str, park: bool | None = None) -> InstanceInfo:
+        """Detach; `park=true` parks instead (the pool's --park-on-detach sets the default)."""
         try:
-            inst = await run_in_threadpool(pool.detach, ref)
+            inst = await run_in_threadpool(pool.detach, ref, park)
         except KeyError:
             raise HTTPException(404, f"no instance {ref!r}") from None
         except AttachError as e:
