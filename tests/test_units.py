@@ -37,6 +37,18 @@ def test_allocator_pinned_devices():
         allocator.reserve(st, DEVS, 2, ["cuda:0", "cuda:0"])
 
 
+def test_allocator_one_rank_per_device_when_a_device_has_several_workers():
+    # cuda:0 runs a parked worker (slot 0) and a fresh idle one (slot 4).
+    devs = {**DEVS, 4: "cuda:0", 5: "cuda:1"}
+    st = {0: WorkerState.PARKED, 1: I, 2: S, 3: I, 4: I, 5: I}
+    assert allocator.reserve(st, devs, 3) == [1, 3, 4]
+    with pytest.raises(allocator.NoCapacity, match="needs 4 free workers but 3"):
+        allocator.reserve(st, devs, 4)
+    assert allocator.reserve(st, devs, 1, ["cuda:0"]) == [4]
+    with pytest.raises(allocator.NoCapacity, match="no idle worker"):
+        allocator.reserve(st, devs, 1, ["cuda:2"])
+
+
 def test_parse_gpus():
     assert parse_gpus("0-3") == ["0", "1", "2", "3"]
     assert parse_gpus("0,2,5") == ["0", "2", "5"]
@@ -155,3 +167,23 @@ def test_registry_inspection_runs_in_a_fork(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="NoSuchModel"):
         registry._LazyRegisteredModel("vllm.model_executor.models.llama",
                                       "NoSuchModel").inspect_model_cls()
+
+
+def test_park_budget_detaches_least_recently_used_first():
+    from vllm_pool.daemon.parking import Parked, over_budget
+
+    ps = [Parked("new", 300, 30.0), Parked("old", 300, 10.0), Parked("mid", 300, 20.0)]
+    assert over_budget(ps, 1000) == []
+    assert over_budget(ps, 600) == ["old"]
+    assert over_budget(ps, 100) == ["old", "mid", "new"]
+
+
+def test_parking_settings_key_and_engine_args():
+    from vllm_pool.daemon.parking import engine_args, settings_key
+
+    k = settings_key("m", 1, 1, ["--dtype", "float32"], {}, None)
+    assert k == settings_key("m", 1, 1, ["--dtype", "float32"], {}, None)
+    assert k != settings_key("m", 1, 1, ["--dtype", "bfloat16"], {}, None)
+    assert k != settings_key("m", 2, 1, ["--dtype", "float32"], {}, None)
+    assert engine_args(["--x"], on_gpu=True) == ["--x", "--enable-sleep-mode"]
+    assert engine_args(["--x"], on_gpu=False) == ["--x"]

@@ -69,6 +69,11 @@ def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
     d = sub.add_parser("detach", help="stop an instance and return its workers")
     _pool_arg(d)
     d.add_argument("ref", metavar="ID|NAME")
+    d.add_argument("--park", action="store_true", default=None,
+                   help="park instead: keep the instance asleep for a fast re-attach "
+                        "(pool started with --enable-parking)")
+    d.add_argument("--no-park", dest="park", action="store_false",
+                   help="detach for real even if the pool parks by default")
     ls = sub.add_parser("ls", help="list workers and instances")
     _pool_arg(ls)
     ls.add_argument("--json", action="store_true")
@@ -93,7 +98,8 @@ def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
     if args.json:
         print(json.dumps(inst, indent=2))
         return 0
-    print(f"attached {inst['model']} as {inst['name']} (id {inst['id']}) on "
+    how = "woke parked" if inst.get("woken") else "attached"
+    print(f"{how} {inst['model']} as {inst['name']} (id {inst['id']}) on "
           f"{','.join(inst['devices'])} in {time.perf_counter() - t0:.2f}s "
           f"({inst['engine_host']} engine host)")
     print(f"endpoint: {inst['url']}/v1")
@@ -102,12 +108,18 @@ def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
+    query = "" if args.park is None else f"?park={str(args.park).lower()}"
     try:
-        inst = request(args.pool, "DELETE", f"/instances/{args.ref}")
+        inst = request(args.pool, "DELETE", f"/instances/{args.ref}{query}")
     except PoolError as e:
         print(f"detach failed: {e}", file=sys.stderr)
         return 1
-    print(f"detached {inst['name']} (id {inst['id']}) in {inst['phases'].get('detach', 0):.2f}s")
+    if inst["state"] == "parked":
+        print(f"parked {inst['name']} (id {inst['id']}) in {inst['phases'].get('park', 0):.2f}s; "
+              f"host memory {_mib(inst['host_bytes'])}")
+    else:
+        print(f"detached {inst['name']} (id {inst['id']}) in "
+              f"{inst['phases'].get('detach', 0):.2f}s")
     return 0
 
 
@@ -138,6 +150,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         total = i["phases"].get("total")
         print(f"{i['name']:<20}{i['model'][-31:]:<32}{i['tp']:<4}{i['port']:<7}"
               f"{i['state']:<11}{up:<9}{f'{total:.2f}s' if total else '-'}"
+              + (f"  host memory {_mib(i['host_bytes'])}" if i["state"] == "parked" else "")
               + (f"  error: {i['error']}" if i["error"] else ""))
         if i["phases"]:
             print(f"    {i['engine_host'] or '-'} engine; phases: {_fmt_phases(i['phases'])}")

@@ -16,6 +16,7 @@ class WorkerState(str, enum.Enum):
     ATTACHING = "attaching"  # building vLLM's worker and model runner
     SERVING = "serving"      # running vLLM's busy loop for an engine
     DETACHING = "detaching"  # tearing the model down, checking it is clean
+    PARKED = "parked"        # holds a parked (sleeping) model; its device is free for others
     FAILED = "failed"        # dead or unclean: being killed and respawned
     STOPPED = "stopped"      # pool shutting down
 
@@ -23,6 +24,9 @@ class WorkerState(str, enum.Enum):
 class InstanceState(str, enum.Enum):
     ATTACHING = "attaching"
     SERVING = "serving"
+    PARKING = "parking"      # being put to sleep (GPU: vLLM sleep level 1)
+    PARKED = "parked"        # asleep: processes kept, weights in host memory, no KV cache
+    WAKING = "waking"        # being woken for a re-attach
     DETACHING = "detaching"
     FAILED = "failed"
     DETACHED = "detached"
@@ -42,3 +46,8 @@ ATTACH_PHASES = (
     "warmup",               # compile_or_warm_up_model minus the capture
     "ready",                # last worker step until the API server answers /health
 )
+
+
+# Instance states whose processes are alive and leased (a crash of one fails the instance).
+LIVE_INSTANCE_STATES = (InstanceState.ATTACHING, InstanceState.SERVING, InstanceState.PARKING,
+                        InstanceState.PARKED, InstanceState.WAKING)

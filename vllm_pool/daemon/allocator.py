@@ -25,20 +25,27 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
             raise NoCapacity(f"{len(wanted_devices)} devices asked for, but TP x PP = {n}")
         if len(set(wanted_devices)) != n:
             raise NoCapacity(f"devices asked for twice: {list(wanted_devices)}")
-        by_device = {d: s for s, d in devices.items()}
         slots = []
         for d in wanted_devices:
-            if d not in by_device:
+            on_d = sorted(s for s, dev in devices.items() if dev == d)
+            if not on_d:
                 raise NoCapacity(f"device {d} is not in this pool "
-                                 f"(pool devices: {sorted(devices.values())})")
-            s = by_device[d]
-            if states[s] != WorkerState.IDLE:
-                raise NoCapacity(f"device {d} is {states[s].value}, not idle")
-            slots.append(s)
+                                 f"(pool devices: {sorted(set(devices.values()))})")
+            idle = [s for s in on_d if states[s] == WorkerState.IDLE]
+            if not idle:
+                raise NoCapacity(f"device {d} has no idle worker "
+                                 f"({', '.join(states[s].value for s in on_d)})")
+            slots.append(idle[0])
         return slots
-    free = sorted(s for s, st in states.items() if st == WorkerState.IDLE)
+    # A device may run several worker processes (an active one and parked ones), but the
+    # ranks of one instance go to distinct devices: the lowest idle slot of each device.
+    free: list[int] = []
+    for s in sorted(s for s, st in states.items() if st == WorkerState.IDLE):
+        if devices[s] not in {devices[f] for f in free}:
+            free.append(s)
     if len(free) < n:
         busy = {s: st.value for s, st in sorted(states.items()) if st != WorkerState.IDLE}
         raise NoCapacity(f"attach needs {n} free workers but {len(free)} of "
-                         f"{len(states)} are free (busy: {busy})")
+                         f"{len(set(devices.values()))} devices have one "
+                         f"(busy: {busy})")
     return free[:n]

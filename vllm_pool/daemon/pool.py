@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import msgspec
 
 from vllm_pool import compat, messages
-from vllm_pool.daemon import allocator, state_file
+from vllm_pool.daemon import allocator, parking, state_file
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
-from vllm_pool.states import ATTACH_PHASES, InstanceState, WorkerState
+from vllm_pool.states import ATTACH_PHASES, LIVE_INSTANCE_STATES, InstanceState, WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
 
@@ -59,6 +59,10 @@ class PoolConfig:
     engine_spares: int = 1                  # pre-warmed engine hosts kept ready
     state_path: str | None = None           # state file for reclaim after a crash
     control_port: int = 0
+    parking: bool = False                   # engines start able to sleep; detach may park
+    park_budget_bytes: int = 0              # host memory for parked instances (0: default)
+    park_on_detach: bool = False            # a plain detach parks
+    wake_evicts: str = "park"               # what waking does to an occupant: park|detach
 
 
 @dataclass
@@ -85,6 +89,12 @@ class Instance:
     engine_host: str = ""                   # "spare" (pre-warmed) or "fresh"
     shm_names: set[str] = field(default_factory=set)
     dist_idents: set[str] = field(default_factory=set)
+    settings: str = ""                      # parking.settings_key: what a re-attach must match
+    devices: list[str] = field(default_factory=list)
+    last_used: float = field(default_factory=time.time)
+    parked_at: float | None = None
+    host_bytes: int = 0                     # parked: host memory held (RSS over idle)
+    woken: bool = False                     # the last attach request woke it
 
     @property
     def url(self) -> str:
@@ -103,12 +113,21 @@ class Pool:
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.log_dir, exist_ok=True)
         self.workers: dict[int, WorkerHandle] = {}
-        for slot, dev in enumerate(cfg.devices):
-            self.workers[slot] = WorkerHandle(
-                slot, dev, os.path.join(cfg.run_dir, f"worker-{slot}.sock"), self.authkey,
-                self._spawn_env(slot, dev), self._on_event, self._on_worker_exit,
-                os.path.join(cfg.log_dir, f"worker-{slot}.log"), cfg.memory_slack_mib,
-                cfg.context_memory_mib)
+        for dev in cfg.devices:
+            self._new_worker(dev)
+        if not cfg.park_budget_bytes:
+            cfg.park_budget_bytes = parking.default_budget_bytes()
+
+    def _new_worker(self, dev: str) -> WorkerHandle:
+        slot = max(self.workers, default=-1) + 1
+        w = WorkerHandle(
+            slot, dev, os.path.join(self.cfg.run_dir, f"worker-{slot}.sock"), self.authkey,
+            self._spawn_env(slot, dev), self._on_event, self._on_worker_exit,
+            os.path.join(self.cfg.log_dir, f"worker-{slot}.log"), self.cfg.memory_slack_mib,
+            self.cfg.context_memory_mib)
+        w.extra = slot >= len(self.cfg.devices)
+        self.workers[slot] = w
+        return w
 
     # ---- start and stop -------------------------------------------------------------
     def _spawn_env(self, slot: int, device: str) -> dict[str, str]:
@@ -238,13 +257,17 @@ class Pool:
             inst.dist_idents.add(ev.dist_ident)
         if ev.state == WorkerState.FAILED and inst is not None:
             self._fail_instance(inst, f"worker {w.slot} failed: {ev.error}")
+        if ev.state == WorkerState.IDLE and w.extra and not self.stopping:
+            # Warmed up after its device got an idle worker back: one of them can go.
+            threading.Thread(target=self._trim_idle_workers, args=([w.device],),
+                             daemon=True).start()
 
     def _on_worker_exit(self, w: WorkerHandle, rc: int) -> None:
-        if self.stopping:
+        if self.stopping or w.retired:
             return
         with self.lock:
             inst = next((i for i in self.instances.values() if w.slot in i.slots
-                         and i.state in (InstanceState.ATTACHING, InstanceState.SERVING)), None)
+                         and i.state in LIVE_INSTANCE_STATES), None)
         if inst is not None:
             self._fail_instance(inst, f"worker {w.slot} (pid {w.pid}) died with exit code {rc}")
         if not w.ever_idle:
@@ -259,19 +282,21 @@ class Pool:
     def _fail_instance(self, inst: Instance, reason: str) -> None:
         """A serving instance lost a process: stop what is left, reclaim, keep it listed."""
         with self.lock:
-            if inst.state not in (InstanceState.ATTACHING, InstanceState.SERVING):
+            if inst.state not in LIVE_INSTANCE_STATES:
                 return
-            attaching = inst.state == InstanceState.ATTACHING
+            # An attach or a wake in progress sees FAILED and cleans up itself.
+            attaching = inst.state in (InstanceState.ATTACHING, InstanceState.WAKING)
             inst.state = InstanceState.FAILED
             inst.error = reason
         logger.error("instance %s (%s) failed: %s", inst.name, inst.id, reason)
         if attaching:
-            return  # the attach thread sees FAILED and cleans up itself
+            return
         threading.Thread(target=self._cleanup_failed, args=(inst,), daemon=True).start()
 
     def _cleanup_failed(self, inst: Instance) -> None:
         self._stop_engine(inst)
         self._reclaim(inst)
+        self._trim_idle_workers(inst.devices)
 
     # ---- attach --------------------------------------------------------------------------
     def attach(self, model: str, tp: int = 1, pp: int = 1, name: str | None = None,
@@ -282,6 +307,15 @@ class Pool:
         args = list(args or [])
         env = dict(env or {})
         _check_args(args, env)
+        settings = parking.settings_key(model, tp, pp, args, env, devices)
+        with self.lock:
+            parked = next((i for i in self.instances.values()
+                           if i.settings == settings and i.state in
+                           (InstanceState.PARKED, InstanceState.WAKING)
+                           and name in (None, i.name) and port in (None, i.port)), None)
+        if parked is not None:
+            # Re-attach of a parked model with the same settings: wake it, don't build it.
+            return self.wake(parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
         with self.lock:
@@ -305,7 +339,8 @@ class Pool:
             inst = Instance(id=iid, name=name, model=model, tp=tp, pp=pp, port=port,
                             host=self.cfg.engine_host, args=args, env=env, slots=slots,
                             token=secrets.token_hex(16), run_dir=run_dir,
-                            log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"))
+                            log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"),
+                            settings=settings, devices=[self.workers[s].device for s in slots])
             for s in slots:
                 self.workers[s].set_state(WorkerState.RESERVED, instance_id=iid)
                 self.workers[s].send(messages.Lease(instance_id=iid, token=inst.token))
@@ -339,6 +374,8 @@ class Pool:
         # (16 s on the H100).
         env["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
         env.update(compat.engine_env_defaults())
+        if self.cfg.parking:
+            env.update(parking.engine_env())
         env.update(inst.env)
         env[messages.LEASE_ENV] = lease.to_json()
         env[messages.RUN_DIR_ENV] = inst.run_dir
@@ -346,7 +383,9 @@ class Pool:
         device_ids = None
         if self.cfg.visible_devices is not None:
             device_ids = [int(w.device.split(":")[1]) for w in workers]
-        argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, inst.args,
+        extra = parking.engine_args(inst.args, self._on_gpu(inst)) if self.cfg.parking \
+            else inst.args
+        argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, extra,
                            device_ids)
         t_launch = time.perf_counter()
         spare = self._take_spare(inst)
@@ -402,17 +441,27 @@ class Pool:
 
     def _watch_engine(self, inst: Instance) -> None:
         rc = inst.engine.proc.wait()
-        if inst.state == InstanceState.SERVING and not self.stopping:
+        if inst.state in LIVE_INSTANCE_STATES and inst.state != InstanceState.ATTACHING \
+                and not self.stopping:
             self._fail_instance(inst, f"engine exited with code {rc}: "
                                       + failure_reason(inst.engine.log_tail()))
 
     # ---- detach --------------------------------------------------------------------------
-    def detach(self, ref: str) -> Instance:
+    def detach(self, ref: str, park: bool | None = None) -> Instance:
+        """Stop the instance and return its workers; or park it (`park`, or by the pool's
+        default for a serving instance when `park` is None)."""
         with self.lock:
             inst = self.find(ref)
             if inst is None:
                 raise KeyError(ref)
-            if inst.state in (InstanceState.DETACHING, InstanceState.ATTACHING):
+            if park is None:
+                park = self.cfg.parking and self.cfg.park_on_detach \
+                    and inst.state == InstanceState.SERVING
+        if park:
+            return self.park(ref)
+        with self.lock:
+            if inst.state in (InstanceState.DETACHING, InstanceState.ATTACHING,
+                              InstanceState.PARKING, InstanceState.WAKING):
                 raise AttachError(f"instance {inst.name} is {inst.state.value}", 409)
             was_failed = inst.state == InstanceState.FAILED
             inst.state = InstanceState.DETACHING
@@ -422,6 +471,7 @@ class Pool:
         with self.lock:
             self.instances.pop(inst.id, None)
             inst.state = InstanceState.FAILED if was_failed else InstanceState.DETACHED
+        self._trim_idle_workers(inst.devices)
         inst.phases["detach"] = time.perf_counter() - t0
         logger.info("instance %s detached in %.2fs", inst.name, inst.phases["detach"])
         return inst
@@ -440,7 +490,8 @@ class Pool:
             if w.state == WorkerState.RESERVED:
                 w.send(messages.Release(instance_id=inst.id))
                 w.set_state(WorkerState.IDLE, instance_id=None)
-            elif w.state in (WorkerState.ATTACHING, WorkerState.SERVING, WorkerState.DETACHING):
+            elif w.state in (WorkerState.ATTACHING, WorkerState.SERVING, WorkerState.DETACHING,
+                             WorkerState.PARKED):
                 # The engine is gone, so the worker saw EOF; Abort is the backstop.
                 w.send(messages.Abort(instance_id=inst.id))
         for s in inst.slots:
@@ -468,6 +519,145 @@ class Pool:
         for name in names:
             _unlink_shm(name)
         shutil.rmtree(inst.run_dir, ignore_errors=True)
+
+    # ---- parking (see parking.py) ----------------------------------------------------------
+    def _on_gpu(self, inst: Instance) -> bool:
+        return any(self.workers[s].device.startswith("cuda") for s in inst.slots)
+
+    def park(self, ref: str) -> Instance:
+        t0 = time.perf_counter()
+        with self.lock:
+            inst = self.find(ref)
+            if inst is None:
+                raise KeyError(ref)
+            if not self.cfg.parking:
+                raise AttachError("parking is off: start the pool with --enable-parking", 409)
+            if inst.state != InstanceState.SERVING:
+                raise AttachError(f"instance {inst.name} is {inst.state.value}; only a serving "
+                                  "instance can be parked", 409)
+            inst.state = InstanceState.PARKING
+        try:
+            if self._on_gpu(inst):
+                parking.engine_sleep(inst.url)
+        except parking.ParkError as e:
+            with self.lock:
+                if inst.state == InstanceState.PARKING:
+                    inst.state = InstanceState.SERVING
+            raise AttachError(f"park of {inst.name} failed, it keeps serving: {e}", 500) from None
+        host = sum(max(0, parking.process_rss(self.workers[s].pid) - self.workers[s].idle_rss)
+                   for s in inst.slots)
+        with self.lock:
+            if inst.state != InstanceState.PARKING:
+                raise AttachError(f"park of {inst.name} failed: {inst.error}", 500)
+            inst.state = InstanceState.PARKED
+            inst.parked_at = time.time()
+            inst.host_bytes = host
+            for s in inst.slots:
+                self.workers[s].set_state(WorkerState.PARKED)
+            fresh = self._workers_to_add(inst.devices)
+        for w in fresh:
+            w.spawn()
+        inst.phases["park"] = time.perf_counter() - t0
+        logger.info("instance %s parked in %.2fs (%.0f MiB host memory); %d workers started "
+                    "beside it", inst.name, inst.phases["park"], host / 2**20, len(fresh))
+        self._enforce_park_budget()
+        return inst
+
+    def _workers_to_add(self, devices: list[str]) -> list[WorkerHandle]:
+        """New handles (not yet spawned) so each device keeps one idle or starting worker."""
+        out = []
+        for d in dict.fromkeys(devices):
+            if not any(w.device == d and w.state in (WorkerState.IDLE, WorkerState.STARTING)
+                       for w in self.workers.values()):
+                out.append(self._new_worker(d))
+        return out
+
+    def _trim_idle_workers(self, devices: list[str]) -> None:
+        """Keep one idle worker per device: the ones started beside parked workers go once
+        their device has an idle worker again."""
+        stop = []
+        with self.lock:
+            for d in dict.fromkeys(devices):
+                idle = sorted(s for s, w in self.workers.items()
+                              if w.device == d and w.state == WorkerState.IDLE)
+                for s in idle[1:]:
+                    stop.append(self.workers.pop(s))
+        for w in stop:
+            logger.info("stopping extra worker %d on %s", w.slot, w.device)
+            w.retired = True
+            w.stop()
+
+    def _enforce_park_budget(self) -> None:
+        with self.lock:
+            parked = [parking.Parked(i.id, i.host_bytes, i.last_used)
+                      for i in self.instances.values() if i.state == InstanceState.PARKED]
+        for iid in parking.over_budget(parked, self.cfg.park_budget_bytes):
+            logger.info("park budget of %.1f GiB exceeded: detaching parked instance %s",
+                        self.cfg.park_budget_bytes / 2**30, iid)
+            try:
+                self.detach(iid, park=False)
+            except (KeyError, AttachError) as e:
+                logger.warning("could not detach parked instance %s: %s", iid, e)
+
+    def wake(self, inst: Instance, timeout: float = 900.0) -> Instance:
+        """Wake a parked instance for a re-attach; make room on its devices first."""
+        t0 = time.perf_counter()
+        with self.lock:
+            if inst.state == InstanceState.WAKING:
+                waiting = True
+            elif inst.state == InstanceState.PARKED:
+                waiting = False
+                inst.state = InstanceState.WAKING
+            else:
+                raise AttachError(f"instance {inst.name} is {inst.state.value}", 409)
+            occupants = [i for i in self.instances.values() if i is not inst
+                         and i.state == InstanceState.SERVING
+                         and set(i.devices) & set(inst.devices)]
+        if waiting:  # another request is waking it: answer with its outcome
+            deadline = time.monotonic() + timeout
+            while inst.state == InstanceState.WAKING and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if inst.state != InstanceState.SERVING:
+                raise AttachError(f"wake of {inst.name} failed: {inst.error}", 500)
+            return inst
+        for occ in occupants:
+            how = self.cfg.wake_evicts
+            logger.info("waking %s: %s %s, which holds %s", inst.name,
+                        "parking" if how == "park" else "detaching", occ.name, occ.devices)
+            try:
+                self.detach(occ.id, park=how == "park")
+            except (KeyError, AttachError) as e:
+                logger.warning("could not %s %s (%s); detaching it", how, occ.name, e)
+                try:
+                    self.detach(occ.id, park=False)
+                except (KeyError, AttachError):
+                    pass
+        t_evicted = time.perf_counter()
+        try:
+            if self._on_gpu(inst):
+                parking.engine_wake(inst.url, timeout)
+            if not health_ok(inst.url, timeout=10):
+                raise parking.ParkError("the engine does not answer /health")
+        except parking.ParkError as e:
+            with self.lock:
+                inst.state = InstanceState.SERVING  # so that detach takes it
+            self.detach(inst.id, park=False)
+            raise AttachError(f"wake of {inst.name} failed, detached it: {e}", 500) from None
+        with self.lock:
+            if inst.state != InstanceState.WAKING:
+                raise AttachError(f"wake of {inst.name} failed: {inst.error}", 500)
+            inst.state = InstanceState.SERVING
+            for s in inst.slots:
+                self.workers[s].set_state(WorkerState.SERVING)
+            inst.parked_at = None
+            inst.host_bytes = 0
+            inst.last_used = time.time()
+            inst.woken = True
+        now = time.perf_counter()
+        inst.phases.update(evict=t_evicted - t0, wake=now - t_evicted, wake_total=now - t0)
+        logger.info("instance %s woken in %.2fs (evicting took %.2fs)", inst.name, now - t0,
+                    t_evicted - t0)
+        return inst
 
     # ---- queries ---------------------------------------------------------------------------
     def find(self, ref: str) -> Instance | None:

@@ -68,6 +68,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="where the daemon records its processes and instances, so a daemon "
                         "started after a crash stops and removes what the dead one left "
                         "(default: ~/.cache/vllm-pool/pool-<port>.state.json; 'none' disables)")
+    k = p.add_argument_group("parking", "parked models: asleep, re-attached in about a second "
+                             "(docs/parking.md)")
+    k.add_argument("--enable-parking", action="store_true",
+                   help="engines start able to sleep (GPU: --enable-sleep-mode and vLLM's dev "
+                        "endpoints on the engine's port); `detach --park` keeps a model asleep")
+    k.add_argument("--park-budget-gb", type=float, default=None,
+                   help="host memory for parked models (default: half the RAM); least "
+                        "recently used parked models are detached beyond it")
+    k.add_argument("--park-on-detach", action="store_true",
+                   help="a plain detach parks (`detach --no-park` still detaches)")
+    k.add_argument("--wake-evicts", choices=["park", "detach"], default="park",
+                   help="what a wake does to a serving model on the devices it needs")
     p.add_argument("--memory-slack-mib", type=int, default=256,
                    help="memory PyTorch may still hold in a detached worker (more: the "
                         "worker is respawned)")
@@ -167,7 +179,11 @@ def serve(args: argparse.Namespace) -> int:
                            memory_slack_mib=args.memory_slack_mib,
                            context_memory_mib=args.context_memory_mib,
                            engine_spares=max(0, args.engine_spares),
-                           state_path=state_path, control_port=args.port))
+                           state_path=state_path, control_port=args.port,
+                           parking=args.enable_parking,
+                           park_budget_bytes=0 if args.park_budget_gb is None
+                           else max(1, int(args.park_budget_gb * 2**30)),
+                           park_on_detach=args.park_on_detach, wake_evicts=args.wake_evicts))
     app = build_app(pool)
     if api_key:
         _require_key(app, api_key)

@@ -46,6 +46,9 @@ class WorkerHandle:
         self.restarts = -1
         self.ever_idle = False             # since the last spawn: tells a crash loop apart
         self.given_up = False              # failed to start; the pool does not respawn it
+        self.extra = False                 # started beside a parked worker on its device
+        self.retired = False               # stopped for good (an extra no longer needed)
+        self.idle_rss = 0                  # host memory when idle: parked instances' cost
         self.proc: subprocess.Popen | None = None
         self._cmd_w = None
         self._lock = threading.Lock()
@@ -80,6 +83,10 @@ class WorkerHandle:
                          name=f"PoolWorkerEvents-{self.slot}").start()
 
     def set_state(self, state: WorkerState, **kw) -> None:
+        if state == WorkerState.IDLE and self.state != WorkerState.IDLE:
+            from vllm_pool.daemon.parking import process_rss
+
+            self.idle_rss = process_rss(self.pid)
         with self.changed:
             self.state = state
             self.ever_idle = self.ever_idle or state == WorkerState.IDLE
