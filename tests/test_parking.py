@@ -15,13 +15,22 @@ from tests import helpers
 
 
 @pytest.fixture(scope="module")
-def parking_pool(logs):
-    d = helpers.Daemon(1, os.path.join(logs, "parking-pool"), ["--enable-parking"])
+def parking_pool(logs, model_a, model_b, tmp_path_factory):
+    """One CPU slot, parking on, and a gateway over two models (ga, gb) that share it."""
+    args = "[" + ", ".join(helpers.ENGINE_ARGS) + "]"
+    path = tmp_path_factory.mktemp("park") / "models.yaml"
+    path.write_text(f"models:\n  - name: ga\n    model: {model_a}\n    args: {args}\n"
+                    f"  - name: gb\n    model: {model_b}\n    args: {args}\n")
+    d = helpers.Daemon(1, os.path.join(logs, "parking-pool"),
+                       ["--enable-parking", "--models", str(path),
+                        "--gateway-port", str(helpers.free_port())])
+    d.gateway = d.proc.args[d.proc.args.index("--gateway-port") + 1]
     try:
         d.wait_ready()
         yield d
     finally:
         assert d.stop() == 0
+        assert helpers.pool_leftovers(d.port) == {"processes": [], "shm": [], "run_dirs": []}
 
 
 def _ls(d) -> str:
@@ -84,3 +93,38 @@ def test_park_refused_when_parking_is_off(idle_pool, model_a):
     r = idle_pool.client.delete("/instances/nopark", params={"park": "true"})
     assert r.status_code == 409 and "--enable-parking" in r.json()["detail"]
     assert idle_pool.instances()[0]["state"] == "serving"
+
+
+def test_gateway_parks_to_make_room_and_wakes_on_the_next_request(parking_pool, model_a,
+                                                                 model_b, reference):
+    """Two models, one slot, parking on: ga, gb, ga. The second ga is a wake of the
+    instance parked to make room for gb (same instance id), with plain vLLM's tokens."""
+    d = parking_pool
+    url = f"http://127.0.0.1:{d.gateway}"
+    helpers.wait_http(url + "/health", 120, d.proc)
+
+    def ask(model: str) -> list:
+        with helpers.httpx.Client(timeout=600) as c:
+            out = []
+            for p in helpers.PROMPTS:
+                r = c.post(url + "/v1/completions", json={
+                    "model": model, "prompt": p, "max_tokens": helpers.MAX_TOKENS,
+                    "temperature": 0, "return_token_ids": True})
+                assert r.status_code == 200, r.text
+                ch = r.json()["choices"][0]
+                out.append((ch["text"], ch.get("token_ids")))
+            return out
+
+    assert ask("ga") == reference(model_a)
+    first = {i["name"]: i for i in d.instances()}["ga"]
+    assert ask("gb") == reference(model_b)
+    states = {i["name"]: i["state"] for i in d.instances()}
+    assert states == {"ga": "parked", "gb": "serving"}
+    assert ask("ga") == reference(model_a)
+    insts = {i["name"]: i for i in d.instances()}
+    assert insts["ga"]["id"] == first["id"] and insts["ga"]["woken"]
+    assert insts["ga"]["state"] == "serving" and insts["gb"]["state"] == "parked"
+    metrics = helpers.httpx.get(url + "/metrics").text
+    assert 'vllm_pool_gateway_attaches_total{model="ga",outcome="woken"} 1.0' in metrics
+    for name in ("ga", "gb"):
+        assert d.client.delete(f"/instances/{name}", params={"park": "false"}).status_code == 200

@@ -207,10 +207,14 @@ class Router:
                 if self._adopt_if_running(m):
                     return
                 existing = self.pool.find(m.name)
+                if existing is not None and existing.state == InstanceState.PARKED:
+                    if await self._wake(m, existing):
+                        return
+                    continue
                 if existing is not None:
                     if existing.state == InstanceState.FAILED:
                         await asyncio.to_thread(self._detach_quietly, existing)
-                    else:  # attaching or detaching through the control API
+                    else:  # attaching, parking, waking or detaching elsewhere
                         await self._wait_change(0.5)
                     continue
                 if m.waiting == 0 and not keep:
@@ -250,6 +254,38 @@ class Router:
                 self._set_state(m, ModelState.COLD)
             self._notify()
 
+    async def _wake(self, m: Model, inst: Instance) -> bool:
+        """Wake the model's parked instance. Serving models on its devices are evicted
+        first by the gateway's own rule (never one with requests in flight or waiting);
+        returns False to look again later."""
+        occupants = [v for v in self.models.values() if v is not m and v.instance is not None
+                     and v.state == ModelState.SERVING
+                     and set(v.instance.devices) & set(inst.devices)]
+        if any(v.in_flight or v.waiting for v in occupants):
+            await self._wait_change(1.0)
+            return False
+        for v in occupants:
+            await self._evict_model(v, "wake")
+        try:
+            inst = await asyncio.to_thread(self.pool.wake, inst, self.attach_timeout)
+        except AttachError as e:
+            if e.status == 409:  # parked or woken elsewhere meanwhile
+                await self._wait_change(0.25)
+                return False
+            self.metrics.attaches.labels(m.name, "failed").inc()
+            m.last_error = str(e)
+            raise AttachFailed(f"wake of model `{m.name}` failed: {e}") from None
+        self.metrics.attaches.labels(m.name, "woken").inc()
+        for phase in ("evict", "wake", "wake_total"):
+            if phase in inst.phases:
+                self.metrics.attach_phase.labels(phase).observe(inst.phases[phase])
+        m.instance, m.last_error = inst, None
+        m.last_used = time.monotonic()
+        self._set_state(m, ModelState.SERVING)
+        logger.info("model %s woken on demand in %.2fs", m.name,
+                    inst.phases.get("wake_total", 0.0))
+        return True
+
     def _adopt_if_running(self, m: Model) -> bool:
         inst = self.pool.find(m.name)
         if inst is None or inst.state != InstanceState.SERVING:
@@ -279,8 +315,7 @@ class Router:
         def helps(v: Model) -> bool:
             if not m.entry.devices:
                 return True
-            devs = {self.pool.workers[s].device for s in v.instance.slots}
-            return bool(devs & set(m.entry.devices))
+            return bool(set(v.instance.devices) & set(m.entry.devices))
 
         idle = [v for v in self.models.values() if v is not m and v.state == ModelState.SERVING
                 and v.in_flight == 0 and v.waiting == 0 and v.instance is not None
@@ -289,13 +324,13 @@ class Router:
 
     # ---- eviction ------------------------------------------------------------------------
     def evict(self, instance: Instance) -> None:
-        """Free an instance's devices. Detach today; parking will replace this (keep the
-        model's weights in host memory and wake it in under a second)."""
-        self._detach_quietly(instance)
+        """Free an instance's devices: park it when the pool parks (the next request wakes
+        it), else detach it."""
+        self._detach_quietly(instance, park=self.pool.cfg.parking)
 
-    def _detach_quietly(self, instance: Instance) -> None:
+    def _detach_quietly(self, instance: Instance, park: bool = False) -> None:
         try:
-            self.pool.detach(instance.id)
+            self.pool.detach(instance.id, park=park)
         except KeyError:
             pass  # already gone
         except AttachError as e:
