@@ -21,11 +21,9 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,16 +31,12 @@ import tempfile
 import time
 
 import httpx
+from common import free_port, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- processes ----------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def wait_health(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -273,21 +267,6 @@ def stats(xs: list[float]) -> dict:
         if xs else {}
 
 
-def machine(a) -> str:
-    if a.device == "gpu":
-        try:
-            return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                  capture_output=True, text=True).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "unknown GPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    return f"{ln.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def build_models(a, scratch: str) -> tuple[str, str]:
@@ -336,7 +315,7 @@ def main() -> int:
     model_a, model_b = build_models(a, scratch)
     import vllm  # noqa: F401  (version only; the contenders run in their own processes)
 
-    result = {"machine": machine(a), "device": a.device, "vllm_version": vllm.__version__,
+    result = {"machine": machine(a.device), "device": a.device, "vllm_version": vllm.__version__,
               "model": model_a, "model_b": model_b, "settings": {
                   k: v for k, v in vars(a).items() if k not in ("output_json", "log_dir")},
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}

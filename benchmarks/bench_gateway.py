@@ -19,9 +19,7 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,16 +27,12 @@ import tempfile
 import time
 
 import httpx
+from common import free_port, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--max-num-seqs", "8", "--seed", "0"]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -55,21 +49,6 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"{url} not ready after {timeout}s")
 
 
-def machine(device: str) -> str:
-    if device == "gpu":
-        try:
-            return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                  capture_output=True, text=True).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            return "unknown GPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for ln in f:
-                if ln.startswith("model name"):
-                    return f"{ln.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def vllm_version() -> str:
