@@ -194,3 +194,20 @@ def running_engines(daemon_pid: int) -> list[str]:
     """Attached engines (API server, EngineCore) under a daemon; spare hosts excluded."""
     return [a for a in process_tree(daemon_pid).values()
             if a.strip() == "vllm-pool-engine" or "EngineCore" in a]
+
+
+def leaked_shm(before: set[str]) -> set[str]:
+    """/dev/shm entries new since `before` that no live process maps: what a run left
+    behind. (Entries that other processes on the machine still use are theirs.)"""
+    new = set(os.listdir("/dev/shm")) - before
+    if not new:
+        return set()
+    mapped: set[str] = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/maps") as f:
+                    mapped.update(re.findall(r"/dev/shm/(\S+)", f.read()))
+            except OSError:
+                pass
+    return {n for n in new if n not in mapped and os.path.exists(os.path.join("/dev/shm", n))}
