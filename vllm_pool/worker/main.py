@@ -118,12 +118,13 @@ class PoolWorker:
         compat.time_warmup_parts()
         for part, secs in compat.prepay_once_per_process(self.device).items():
             logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
-        from vllm_pool.worker.reset import IdleBaseline, clean_check
+        from vllm_pool.worker.reset import IdleBaseline, clean_check, freeze_idle_heap
 
         self.baseline = IdleBaseline.measure(self.device)
         err = clean_check(self.device, self.baseline, 1 << 62, 0)
         if err:
             raise RuntimeError(err)
+        freeze_idle_heap()
         self.warmup_s = time.perf_counter() - _T_START
 
     # ---- daemon commands ---------------------------------------------------------
@@ -198,7 +199,8 @@ class PoolWorker:
         import torch
 
         from vllm_pool.states import WorkerState
-        from vllm_pool.worker.reset import clean_check, memory_in_use, torch_reserved
+        from vllm_pool.worker.reset import (clean_check, freeze_idle_heap, memory_in_use,
+                                            torch_reserved)
 
         instance_id = self._attach_session(conn)
         if instance_id is None:
@@ -226,6 +228,7 @@ class PoolWorker:
         else:
             logger.info("worker %d clean after detach of %s: RSS %+.0f MiB over idle",
                         self.slot, instance_id, over)
+        freeze_idle_heap(collect=False)  # collected just before the clean check
         self.emit(WorkerState.IDLE)
 
     def _attach_session(self, conn: Connection) -> str | None:
