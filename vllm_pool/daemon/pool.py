@@ -644,9 +644,15 @@ class Pool:
             self.detach(inst.id, park=False)
             raise AttachError(f"wake of {inst.name} failed, detached it: {e}", 500) from None
         with self.lock:
-            if inst.state != InstanceState.WAKING:
-                raise AttachError(f"wake of {inst.name} failed: {inst.error}", 500)
-            inst.state = InstanceState.SERVING
+            failed = inst.state != InstanceState.WAKING
+            if not failed:
+                inst.state = InstanceState.SERVING
+        if failed:  # a process died while waking: clean up as a failed attach does
+            reason = f"wake of {inst.name} failed: {inst.error}"
+            self._abort_attach(inst, reason)
+            self._trim_idle_workers(inst.devices)
+            raise AttachError(reason, 500)
+        with self.lock:
             for s in inst.slots:
                 self.workers[s].set_state(WorkerState.SERVING)
             inst.parked_at = None
