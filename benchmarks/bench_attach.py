@@ -31,25 +31,13 @@ import tempfile
 import time
 
 import httpx
-from common import free_port, machine
+from common import free_port, machine, wait_health
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---- processes ----------------------------------------------------------------------
 
-def wait_health(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited ({proc.returncode}) before {url} was healthy")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(url)
 
 
 def stop_group(proc: subprocess.Popen) -> None:

@@ -27,7 +27,7 @@ import tempfile
 import time
 
 import httpx
-from common import free_port, machine
+from common import free_port, machine, wait_health
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
@@ -35,18 +35,6 @@ ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"
 
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the daemon exited with {proc.returncode}; see its log")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise SystemExit(f"{url} not ready after {timeout}s")
 
 
 
@@ -127,7 +115,7 @@ def main() -> int:
                             start_new_session=True)
     gw = f"http://127.0.0.1:{gw_port}"
     try:
-        wait_http(gw + "/health", proc, 600)
+        wait_health(gw, proc, 600)
         c = httpx.Client(timeout=600)
         t0 = time.perf_counter()
         timed_completion(c, gw, "m", 1)  # attaches the model

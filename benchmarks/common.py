@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: a free port and the name of the machine."""
+"""What the benchmark scripts share: a free port, waiting for a server, the machine's name."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import os
 import platform
 import socket
 import subprocess
+import time
+
+import httpx
 
 
 def free_port() -> int:
@@ -30,3 +33,17 @@ def machine(device: str) -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def wait_health(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}) before {url} was healthy")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(url)
