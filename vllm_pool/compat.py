@@ -491,3 +491,36 @@ def fork_registry_inspection() -> None:
 
     run_in_fork._vllm_pool_fork = True  # type: ignore[attr-defined]
     registry._run_in_subprocess = run_in_fork
+
+
+def register_sleep_backend() -> bool:
+    """Register the pool's level-1 sleep backend (`worker/sleep_backend.py`) in vLLM's
+    sleep-mode registry, the hook vLLM offers plugins (0.26+). In the worker process, where
+    vLLM resolves the backend at the first sleep. False where vLLM has no registry."""
+    try:
+        from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
+        from vllm_pool.worker import sleep_backend
+    except ImportError:
+        return False
+    if sleep_backend.NAME not in SleepModeBackendFactory._registry:
+        SleepModeBackendFactory.register_backend(
+            sleep_backend.NAME, sleep_backend.__name__, sleep_backend.KeptCopyBackend.__name__)
+    return True
+
+
+def choose_sleep_backend(vllm_config: Any) -> str | None:
+    """Engine side, before the workers get the config: an engine that can sleep parks with
+    the kept-copy backend where its weights stay read-only (no LoRA, no calculated KV
+    scales) and the user left vLLM's default. Set here rather than in the worker so that
+    engine and workers hash the same config. Returns the backend chosen, or None."""
+    mc = getattr(vllm_config, "model_config", None)
+    if (mc is None or not getattr(mc, "enable_sleep_mode", False)
+            or getattr(mc, "sleep_mode_backend", None) != "cumem"
+            or getattr(vllm_config, "lora_config", None) is not None
+            or getattr(getattr(vllm_config, "cache_config", None), "calculate_kv_scales",
+                       False)):
+        return None
+    from vllm_pool.worker import sleep_backend
+
+    mc.sleep_mode_backend = sleep_backend.NAME
+    return sleep_backend.NAME

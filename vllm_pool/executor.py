@@ -86,6 +86,9 @@ class PoolExecutor(MultiprocExecutor):
         self.rpc_broadcast_mq = compat.make_broadcast_mq(
             self.world_size, self.local_world_size, self.parallel_config)
         handle = self.rpc_broadcast_mq.export_handle()
+        if compat.choose_sleep_backend(self.vllm_config):
+            logger.info("park copies weights to host memory once (%s)",
+                        self.vllm_config.model_config.sleep_mode_backend)
         env = forwarded_env()
         authkey = bytes.fromhex(lease.authkey)
         conns: list[Connection] = []

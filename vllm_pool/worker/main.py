@@ -116,6 +116,7 @@ class PoolWorker:
         except Exception:
             pass
         compat.time_warmup_parts()
+        compat.register_sleep_backend()
         for part, secs in compat.prepay_once_per_process(self.device).items():
             logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
         from vllm_pool.worker.reset import IdleBaseline, clean_check, freeze_idle_heap
