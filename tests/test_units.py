@@ -215,3 +215,17 @@ def test_sleep_backend_chosen_only_where_weights_stay_read_only():
         before = c.model_config.sleep_mode_backend
         assert compat.choose_sleep_backend(c) is None
         assert c.model_config.sleep_mode_backend == before
+
+
+def test_allocator_waits_only_for_workers_that_would_fit():
+    S = WorkerState
+    devs = {0: "cuda:0", 1: "cuda:0", 2: "cuda:1"}
+    # device 0: its worker is parked, a new one starts beside it: worth waiting for
+    assert allocator.fits_once_started({0: S.PARKED, 1: S.STARTING, 2: S.SERVING}, devs, 1)
+    # TP=2 needs two devices; only one would have an idle worker
+    assert not allocator.fits_once_started({0: S.PARKED, 1: S.STARTING, 2: S.SERVING}, devs, 2)
+    # nothing starting: the allocator's 409 stands
+    assert not allocator.fits_once_started({0: S.PARKED, 1: S.SERVING, 2: S.SERVING}, devs, 1)
+    # pinned to a device whose workers are all busy
+    assert not allocator.fits_once_started({0: S.PARKED, 1: S.STARTING, 2: S.SERVING}, devs, 1,
+                                           ["cuda:1"])

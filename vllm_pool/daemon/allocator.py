@@ -49,3 +49,18 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
                          f"{len(set(devices.values()))} devices have one "
                          f"(busy: {busy})")
     return free[:n]
+
+
+def fits_once_started(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: int,
+                      wanted_devices: Sequence[str] | None = None) -> bool:
+    """Whether the attach would fit once the workers now starting are idle (a worker
+    started beside a parked one, or a respawned one): worth waiting for, not a 409."""
+    if not any(st == WorkerState.STARTING for st in states.values()):
+        return False
+    soon = {s: WorkerState.IDLE if st == WorkerState.STARTING else st
+            for s, st in states.items()}
+    try:
+        reserve(soon, devices, n, wanted_devices)
+    except (NoCapacity, ValueError):
+        return False
+    return True

@@ -318,6 +318,7 @@ class Pool:
             return self.wake(parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
+        self._wait_for_starting_workers(n, devices, timeout)
         with self.lock:
             if self.stopping:
                 raise AttachError("the pool is shutting down", 503)
@@ -359,7 +360,31 @@ class Pool:
         finally:
             # After, not during, the attach: a warming spare would compete for the CPU.
             threading.Thread(target=self._replenish_spares, daemon=True).start()
+        if self.cfg.parking:
+            # A park must leave its devices an idle worker at once, not one still importing:
+            # start it now, beside the serving one.
+            with self.lock:
+                fresh = self._workers_to_add(inst.devices)
+            for w in fresh:
+                w.spawn()
         return inst
+
+    def _wait_for_starting_workers(self, n: int, devices: list[str] | None,
+                                   timeout: float) -> None:
+        """An attach that only lacks workers still starting waits for them rather than
+        getting 409; anything else is decided (and refused) by the allocator right after."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stopping:
+            with self.lock:
+                states = {s: w.state for s, w in self.workers.items()}
+                devs = {s: w.device for s, w in self.workers.items()}
+                try:
+                    allocator.reserve(states, devs, n, devices)
+                    return
+                except (allocator.NoCapacity, ValueError):
+                    if not allocator.fits_once_started(states, devs, n, devices):
+                        return
+            time.sleep(0.1)
 
     def _launch_and_wait(self, inst: Instance, timeout: float) -> None:
         os.makedirs(inst.run_dir, mode=0o700, exist_ok=True)
