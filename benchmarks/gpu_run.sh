@@ -14,9 +14,19 @@ python3 -c "import vllm_pool, importlib.metadata as m; print([e.name for e in m.
 export PYTHONUNBUFFERED=1
 # Leftovers of an earlier command that ran out of time would skew every figure.
 pkill -9 -f "[v]llm_pool\.|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
+ARGS="--dtype bfloat16 --max-model-len 2048"
+if [ "${PREWARM:-0}" = 1 ]; then
+  # A fresh machine has an empty compile cache: one plain server fills it first, so that
+  # every contender in the warm mode really finds it warm.
+  t0=$(date +%s)
+  CUDA_VISIBLE_DEVICES=${GPUS:-0} python3 -m vllm.entrypoints.openai.api_server --model /root/models/l1b \
+    --port 18999 $ARGS > /tmp/prewarm.log 2>&1 & pw=$!
+  until curl -sf localhost:18999/health >/dev/null || ! kill -0 $pw 2>/dev/null; do sleep 1; done
+  kill -TERM $pw; wait $pw; echo "prewarm (empty compile cache) $(( $(date +%s) - t0 ))s"
+fi
 # SIGTERM before the device tool's own limit, so the benchmark stops its pool itself.
 timeout -s TERM "${BENCH_TIMEOUT:-520}" python3 benchmarks/bench_attach.py --device gpu --gpus "${GPUS:-0}" --model /root/models/l1b \
-  --model-b /root/models/l1b-b --pool-cli vllm --engine-args "--dtype bfloat16 --max-model-len 2048" \
+  --model-b /root/models/l1b-b --pool-cli vllm --engine-args "$ARGS" \
   --log-dir /tmp/bench-logs --output-json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.txt"
 rc=${PIPESTATUS[0]}
 grep -h -A12 "unclean after detach" /tmp/bench-logs/worker-*.log > "$OUT/unclean.txt" 2>/dev/null
