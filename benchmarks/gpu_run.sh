@@ -13,7 +13,7 @@ python3 -c "import vllm_pool, importlib.metadata as m; print([e.name for e in m.
 [ -d /root/models/l1b-b ] || python3 -m vllm_pool.testing.tiny_model /root/models/l1b-b --size 1b --seed 1 --dtype bfloat16
 export PYTHONUNBUFFERED=1
 # Leftovers of an earlier command that ran out of time would skew every figure.
-pkill -9 -f "[v]llm_pool\.|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
+pkill -9 -f "[v]llm_pool|[v]llm-pool|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
 ARGS="--dtype bfloat16 --max-model-len 2048"
 if [ "${PREWARM:-0}" = 1 ]; then
   # A fresh machine has an empty compile cache: one plain server fills it first, so that
