@@ -77,7 +77,12 @@ def cache_env(mode: str, scratch: str) -> dict:
 
 
 # ---- contenders ---------------------------------------------------------------------
-def run_plain(a, model: str, extra_env: dict, log: str, workload: bool) -> dict:
+def run_plain(a, model: str, extra_env: dict, log: str, workload: bool,
+              mp: bool = False) -> dict:
+    """Plain vLLM; `mp`: with `--distributed-executor-backend mp`, so that its worker is a
+    separate process behind vLLM's shm MessageQueue as an attached engine's is. On GPU,
+    TP=1 otherwise runs the worker inside EngineCore (UniProcExecutor); vLLM's CPU
+    platform (0.32) already turns that into mp, so on CPU both plain contenders are one."""
     port = free_port()
     env = dict(os.environ, **extra_env)
     if a.device == "cpu":
@@ -90,7 +95,8 @@ def run_plain(a, model: str, extra_env: dict, log: str, workload: bool) -> dict:
     with open(log, "ab") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-             "--port", str(port), "--tensor-parallel-size", str(a.tp), *a.engine_args],
+             "--port", str(port), "--tensor-parallel-size", str(a.tp), *a.engine_args,
+             *(["--distributed-executor-backend", "mp"] if mp else [])],
             env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_health(url, proc, a.timeout)
@@ -288,6 +294,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-workload", action="store_true")
     p.add_argument("--skip-plain", action="store_true")
+    p.add_argument("--plain-mp", action="store_true",
+                   help="also measure plain vLLM with --distributed-executor-backend mp "
+                        "(contender 'plain-mp': worker in its own process, as attached)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
@@ -313,7 +322,9 @@ def main() -> int:
         for mode in a.cache_modes.split(","):
             for rep in range(a.reps):
                 wl = not a.skip_workload and rep == 0 and mode == a.cache_modes.split(",")[-1]
-                order = ["plain", "attach"] if rep % 2 == 0 else ["attach", "plain"]
+                order = ["plain", *(["plain-mp"] if a.plain_mp else []), "attach"]
+                if rep % 2:
+                    order.reverse()
                 for who in order:
                     # Also before plain runs: a spare warming up in the background would
                     # otherwise compete with the plain server for the CPU.
@@ -321,8 +332,9 @@ def main() -> int:
                     env = cache_env(mode, scratch)
                     if who == "plain" and a.skip_plain:
                         continue
-                    if who == "plain":
-                        r = run_plain(a, model_a, env, os.path.join(log_dir, "plain.log"), wl)
+                    if who in ("plain", "plain-mp"):
+                        r = run_plain(a, model_a, env, os.path.join(log_dir, f"{who}.log"), wl,
+                                      mp=who == "plain-mp")
                     else:
                         r = run_attach(a, pool, model_a, f"bench-{mode}-{rep}", env, wl)
                     r.update(contender=who, cache_mode=mode, rep=rep)
@@ -361,8 +373,10 @@ def summarize(result: dict) -> None:
     for mode in sorted({r["cache_mode"] for r in runs}):
         rs = [r for r in runs if r["cache_mode"] == mode]
         m: dict = {}
-        for who in ("plain", "attach"):
+        for who in CONTENDERS:
             sel = [r for r in rs if r["contender"] == who]
+            if not sel and who == "plain-mp":
+                continue
             m[who] = {k: stats([r[k] for r in sel]) for k in ("health_s", "first_completion_s")}
         att = [r for r in rs if r["contender"] == "attach"]
         m["attach"]["detach_s"] = stats([r["detach_s"] for r in att])
@@ -375,18 +389,25 @@ def summarize(result: dict) -> None:
         if pl and at:
             m["speedup_first_completion"] = pl["median"] / at["median"]
         srv = {r["contender"]: r["serving"] for r in rs if "serving" in r}
-        if "plain" in srv and "attach" in srv:
+        if srv:
             m["serving"] = srv
-            m["serving_ratio"] = {
-                "throughput": srv["attach"]["output_tok_per_s"] / srv["plain"]["output_tok_per_s"],
-                "ttft_p50": srv["attach"]["ttft_ms"]["p50"] / srv["plain"]["ttft_ms"]["p50"],
-                "itl_p50": srv["attach"]["itl_ms"]["p50"] / srv["plain"]["itl_ms"]["p50"],
-                "ttft_p99": srv["attach"]["ttft_ms"]["p99"] / srv["plain"]["ttft_ms"]["p99"],
-                "itl_p99": srv["attach"]["itl_ms"]["p99"] / srv["plain"]["itl_ms"]["p99"]}
-        outs = {json.dumps(r["output"]) for r in rs if r["contender"] in ("plain", "attach")}
+        # serving_ratio: attached / plain; serving_ratio_mp: attached / plain-mp
+        for key, base in (("serving_ratio", "plain"), ("serving_ratio_mp", "plain-mp")):
+            if base in srv and "attach" in srv:
+                m[key] = serving_ratio(srv["attach"], srv[base])
+        outs = {json.dumps(r["output"]) for r in rs if r["contender"] in CONTENDERS}
         m["same_greedy_output"] = len(outs) == 1
         s[mode] = m
     result["summary"] = s
+
+
+CONTENDERS = ("plain", "plain-mp", "attach")
+
+
+def serving_ratio(att: dict, base: dict) -> dict:
+    return {"throughput": att["output_tok_per_s"] / base["output_tok_per_s"],
+            **{f"{k}_{q}": att[f"{k}_ms"][q] / base[f"{k}_ms"][q]
+               for k in ("ttft", "itl") for q in ("p50", "p99")}}
 
 
 def a_rounds(result: dict) -> int:
@@ -400,8 +421,8 @@ def print_table(result: dict) -> None:
     hdr = f"{'cache':<7}{'contender':<10}{'to /health (med/min/max)':<28}{'to 1st completion (med/min/max)':<34}"
     print(hdr)
     for mode, m in result["summary"].items():
-        for who in ("plain", "attach"):
-            h, f = m[who].get("health_s"), m[who].get("first_completion_s")
+        for who in CONTENDERS:
+            h, f = m.get(who, {}).get("health_s"), m.get(who, {}).get("first_completion_s")
             if not h:
                 continue
             print(f"{mode:<7}{who:<10}{h['median']:6.2f} / {h['min']:6.2f} / {h['max']:6.2f}s      "
@@ -418,14 +439,18 @@ def print_table(result: dict) -> None:
         if ph:
             print(f"{mode:<7}attach phases (median s): " + ", ".join(
                 f"{k} {v['median']:.2f}" for k, v in ph.items()))
-        if "serving_ratio" in m:
-            sv, r = m["serving"], m["serving_ratio"]
-            print(f"{mode:<7}serving: plain {sv['plain']['output_tok_per_s']:.0f} tok/s, attached "
-                  f"{sv['attach']['output_tok_per_s']:.0f} tok/s; ratio thr {r['throughput']:.3f}, "
-                  f"TTFT p50 {r['ttft_p50']:.3f}, ITL p50 {r['itl_p50']:.3f}, "
-                  f"TTFT p99 {r['ttft_p99']:.3f}, ITL p99 {r['itl_p99']:.3f} "
+        for who, sv in m.get("serving", {}).items():
+            print(f"{mode:<7}serving {who:<9}{sv['output_tok_per_s']:7.0f} tok/s; TTFT p50/p99 "
+                  f"{sv['ttft_ms']['p50']:.0f}/{sv['ttft_ms']['p99']:.0f} ms, ITL p50/p99 "
+                  f"{sv['itl_ms']['p50']:.1f}/{sv['itl_ms']['p99']:.1f} ms "
                   f"(medians of {a_rounds(result)} rounds)")
-        print(f"{mode:<7}same greedy output plain vs attached: {m['same_greedy_output']}")
+        for key, base in (("serving_ratio", "plain"), ("serving_ratio_mp", "plain-mp")):
+            if key in m:
+                r = m[key]
+                print(f"{mode:<7}serving attached/{base}: thr {r['throughput']:.3f}, "
+                      f"TTFT p50 {r['ttft_p50']:.3f}, ITL p50 {r['itl_p50']:.3f}, "
+                      f"TTFT p99 {r['ttft_p99']:.3f}, ITL p99 {r['itl_p99']:.3f}")
+        print(f"{mode:<7}same greedy output, all contenders: {m['same_greedy_output']}")
 
 
 if __name__ == "__main__":
