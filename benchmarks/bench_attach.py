@@ -204,6 +204,8 @@ def run_swap(a, pool: Pool, model_a: str, model_b: str, extra_env: dict) -> dict
 def serving(url: str, model: str, a) -> dict:
     """The workload `--serving-rounds` times on the same server; each figure is the median
     over rounds (one round of a few seconds is too noisy on a GPU to compare)."""
+    for _ in range(a.warmup_rounds):  # unmeasured: first-batch JIT and allocator growth
+        asyncio.run(serve_workload(url, model, a))
     rounds = [asyncio.run(serve_workload(url, model, a)) for _ in range(a.serving_rounds)]
     med = statistics.median
     return {"rounds": rounds,
@@ -291,6 +293,8 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--serving-rounds", type=int, default=1,
                    help="run the workload this many times per server; medians are reported")
+    p.add_argument("--warmup-rounds", type=int, default=0,
+                   help="unmeasured runs of the workload before the measured rounds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-workload", action="store_true")
     p.add_argument("--skip-plain", action="store_true")
