@@ -31,7 +31,7 @@ import tempfile
 import time
 
 import httpx
-from common import free_port, machine, wait_health
+from common import free_port, machine, start_run, wait_health
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,14 +305,7 @@ def main() -> int:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
-    # SIGTERM must run the clean-up below (stopping the pool), not kill us mid-way.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    a.engine_args = a.engine_args.split()
-    if a.device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    scratch = tempfile.mkdtemp(prefix="bench-attach-")
-    log_dir = a.log_dir or os.path.join(scratch, "logs")
-    os.makedirs(log_dir, exist_ok=True)
+    scratch, log_dir = start_run(a, "bench-attach-")
     model_a, model_b = build_models(a, scratch)
     import vllm  # noqa: F401  (version only; the contenders run in their own processes)
 

@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import httpx
 from bench_attach import build_models, first_completion, stop_group
-from common import free_port, machine, wait_health
+from common import free_port, machine, start_run, wait_health
 
 
 def gpu_mem_by_pid() -> dict[int, int]:
@@ -143,13 +141,7 @@ def main() -> int:
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    a.engine_args = a.engine_args.split()
-    if a.device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    scratch = tempfile.mkdtemp(prefix="bench-park-")
-    log_dir = a.log_dir or os.path.join(scratch, "logs")
-    os.makedirs(log_dir, exist_ok=True)
+    scratch, log_dir = start_run(a, "bench-park-")
     model_a, model_b = build_models(a, scratch)
     import vllm
 

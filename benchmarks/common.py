@@ -47,3 +47,21 @@ def wait_health(url: str, proc: subprocess.Popen | None, timeout: float) -> None
             pass
         time.sleep(0.05)
     raise TimeoutError(url)
+
+
+def start_run(a, prefix: str) -> tuple[str, str]:
+    """What every benchmark does after parsing its arguments: SIGTERM runs its clean-up
+    (stopping its pool) instead of killing it mid-way, `--engine-args` split, a small KV cache
+    on CPU, and a scratch directory with the log directory. Returns (scratch, log_dir)."""
+    import signal
+    import sys
+    import tempfile
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    a.engine_args = a.engine_args.split()
+    if a.device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    scratch = tempfile.mkdtemp(prefix=prefix)
+    log_dir = a.log_dir or os.path.join(scratch, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    return scratch, log_dir

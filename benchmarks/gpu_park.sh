@@ -4,11 +4,7 @@
 # eager, so that its two cold attaches need no compile), JSON and logs in $OUT.
 #   usage: bash benchmarks/gpu_park.sh [1b] [8b]
 set -uo pipefail
-source /root/kit/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v WARNING
-export PYTHONUNBUFFERED=1
-pkill -9 -f "[v]llm_pool|[v]llm-pool|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
+source "$(dirname "$0")/gpu_common.sh"
 ARGS="--dtype bfloat16 --max-model-len 2048 --gpu-memory-utilization 0.45"
 for size in "${@:-1b}"; do
   m=/root/models/l$size
@@ -28,5 +24,5 @@ except Exception: pass" 2>/dev/null)
     --model $m --model-b $m-b --reps 3 --pool-port ${POOL_PORT:=18300} --engine-args "$ARGS $extra" \
     --log-dir /tmp/park-logs-$size --output-json "$OUT/park-$size.json" 2>&1 | tee "$OUT/park-$size.txt"
   tar -C /tmp -czf "$OUT/park-logs-$size.tgz" park-logs-$size 2>/dev/null
-  pkill -9 -f "[v]llm_pool|[v]llm-pool|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
+  kill_leftovers
 done

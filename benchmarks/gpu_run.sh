@@ -4,16 +4,11 @@
 # route, and leave the JSON and logs in $OUT.
 #   usage: bash benchmarks/gpu_run.sh [extra bench_attach.py arguments]
 set -uo pipefail
-source /root/kit/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v WARNING
+source "$(dirname "$0")/gpu_common.sh"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import vllm_pool, importlib.metadata as m; print([e.name for e in m.entry_points(group='vllm.general_plugins')])"
 [ -d /root/models/l1b ] || python3 /root/kit/mkmodel.py /root/models/l1b 1b
 [ -d /root/models/l1b-b ] || python3 -m vllm_pool.testing.tiny_model /root/models/l1b-b --size 1b --seed 1 --dtype bfloat16
-export PYTHONUNBUFFERED=1
-# Leftovers of an earlier command that ran out of time would skew every figure.
-pkill -9 -f "[v]llm_pool|[v]llm-pool|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
 ARGS="--dtype bfloat16 --max-model-len 2048"
 if [ "${PREWARM:-0}" = 1 ]; then
   # A fresh machine has an empty compile cache: one plain server fills it first, so that

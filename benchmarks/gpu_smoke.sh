@@ -2,11 +2,8 @@
 # Short GPU check (kit installed): pool via the `vllm` route, attach 1.1B, complete, detach,
 # memory vs idle, attach again. Prints timings; logs to $OUT/smoke-logs.tgz.
 set -u
-source /root/kit/env.sh
-OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v WARNING
+source "$(dirname "$0")/gpu_common.sh"
 [ -d /root/models/l1b ] || python3 /root/kit/mkmodel.py /root/models/l1b 1b >/dev/null 2>&1
-pkill -9 -f "[v]llm_pool\.|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null
 P=18100; L=/tmp/smoke-logs; mkdir -p $L
 python3 -m vllm.entrypoints.cli.main serve-pool --gpus "${GPUS:-0}" --port $P --log-dir $L > $L/daemon.out 2>&1 &
 D=$!

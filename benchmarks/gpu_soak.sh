@@ -4,11 +4,7 @@
 # (processes, /dev/shm, device memory). JSON and logs in $OUT.
 #   usage: SOAK_MINUTES=7 bash benchmarks/gpu_soak.sh
 set -uo pipefail
-source /root/kit/env.sh
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . 2>&1 | grep -v WARNING
-export PYTHONUNBUFFERED=1
-pkill -9 -f "[v]llm_pool|[v]llm-pool|[a]pi_server|[E]ngineCore|[V]LLM::" 2>/dev/null; sleep 1
+source "$(dirname "$0")/gpu_common.sh"
 ls /dev/shm > /tmp/shm-before.txt
 P=18400; L=/tmp/soak-logs; mkdir -p $L
 python3 -m vllm_pool serve --gpus "${GPUS:-0}" --port $P --log-dir $L --state-file none > $L/daemon.out 2>&1 &
@@ -20,7 +16,7 @@ python3 benchmarks/soak.py --pool http://127.0.0.1:$P --cycles 500 --max-minutes
 echo "gpu used, idle pool after the soak: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader)" | tee -a "$OUT/soak.txt"
 kill -TERM $D; wait $D; echo "daemon exit $?" | tee -a "$OUT/soak.txt"
 sleep 2
-{ echo "processes left: $(pgrep -fc '[v]llm_pool|[v]llm-pool|[a]pi_server|[E]ngineCore|[V]LLM::')"
+{ echo "processes left: $(pgrep -fc "$POOL_PROCS")"
   echo "new /dev/shm entries: $(ls /dev/shm | comm -13 /tmp/shm-before.txt - | wc -l)"
   echo "gpu used after the pool stopped: $(nvidia-smi --query-gpu=memory.used --format=csv,noheader)"; } | tee -a "$OUT/soak.txt"
 tar -C /tmp -czf "$OUT/soak-logs.tgz" soak-logs 2>/dev/null
