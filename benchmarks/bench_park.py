@@ -137,6 +137,9 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--engine-args", default="--dtype float32 --max-model-len 512 --enforce-eager")
     p.add_argument("--pool-port", type=int, default=0, help="default: a free port")
+    p.add_argument("--serve-before-park", type=float, default=0.0,
+                   help="seconds between A's first completion and its first park (the weights' "
+                        "host copy is made in the background meanwhile)")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
@@ -161,6 +164,7 @@ def main() -> int:
             res["idle_worker_device_bytes"] = list(gpu_mem_by_pid().values())
         inst_a, t, ref_a = pool.attach(a, model_a, "a")
         res["attach_a_cold_s"] = t
+        time.sleep(a.serve_before_park)  # a model serves a while before it is parked
         res["parks"], res["reattaches"] = [], []
         for rep in range(a.reps):
             pool.wait_spare()

@@ -21,7 +21,7 @@ except Exception: pass" 2>/dev/null)
     [ -n "$pid" ] && { date +%T.%N; $PYSPY dump --pid $pid; } >> "$OUT/pyspy-first-attach.txt" 2>&1
     sleep 1; done) &
   timeout -s TERM "${PARK_TIMEOUT:-300}" python3 benchmarks/bench_park.py --device gpu \
-    --model $m --model-b $m-b --reps 3 --pool-port ${POOL_PORT:=18300} --engine-args "$ARGS $extra" \
+    --model $m --model-b $m-b --reps 3 --serve-before-park ${SERVE_S:-20} --pool-port ${POOL_PORT:=18300} --engine-args "$ARGS $extra" \
     --log-dir /tmp/park-logs-$size --output-json "$OUT/park-$size.json" 2>&1 | tee "$OUT/park-$size.txt"
   tar -C /tmp -czf "$OUT/park-logs-$size.tgz" park-logs-$size 2>/dev/null
   kill_leftovers

@@ -524,3 +524,29 @@ def choose_sleep_backend(vllm_config: Any) -> str | None:
 
     mc.sleep_mode_backend = sleep_backend.NAME
     return sleep_backend.NAME
+
+
+def start_host_copy_for_parking(vllm_config: Any, device: Any) -> None:
+    """Worker side, once the engine is ready: where the kept-copy backend was chosen, start
+    the weights' host copy in the background (`worker/sleep_backend.py`). Never raises: a
+    failed copy only means the first park copies, as vLLM does."""
+    mc = getattr(vllm_config, "model_config", None)
+    if not getattr(mc, "enable_sleep_mode", False) or device is None:
+        return
+    try:
+        from vllm_pool.worker import sleep_backend
+
+        if mc.sleep_mode_backend == sleep_backend.NAME:
+            sleep_backend.start_host_copy(device)
+    except Exception as e:  # noqa: BLE001
+        import logging
+
+        logging.getLogger("vllm_pool.worker").warning("no background host copy: %s", e)
+
+
+def stop_host_copy_for_parking() -> None:
+    import sys
+
+    mod = sys.modules.get("vllm_pool.worker.sleep_backend")  # never imported: nothing to stop
+    if mod is not None:
+        mod.stop_host_copy()

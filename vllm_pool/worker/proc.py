@@ -91,6 +91,8 @@ class PoolWorkerProc(WorkerProc):
         self.phases["warmup"] -= self.phases.get("graph_capture", 0.0)
         cc = getattr(self.worker.vllm_config, "compilation_config", None)
         self.phases["compile"] = float(getattr(cc, "compilation_time", 0.0) or 0.0)
+        compat.start_host_copy_for_parking(self.worker.vllm_config, self.worker.device
+                                           if hasattr(self.worker, "device") else None)
         if self._on_init_done is not None:
             self._on_init_done()
 

@@ -92,6 +92,7 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
     if proc is not None:
         steps += [
             ("async output thread", proc.stop_async_output_thread),
+            ("host copy for parking", compat.stop_host_copy_for_parking),
             ("broadcast queue", lambda: proc.rpc_broadcast_mq and proc.rpc_broadcast_mq.shutdown()),
             ("response queue", lambda: proc.worker_response_mq and proc.worker_response_mq.shutdown()),
             ("worker shutdown", lambda: proc.worker.shutdown()),
