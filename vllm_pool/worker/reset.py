@@ -113,6 +113,10 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
         if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
             steps.append(("cublas workspaces", torch._C._cuda_clearCublasWorkspaces))
         steps.append(("cuda cache", torch.cuda.empty_cache))
+        # PyTorch caches freed pinned host blocks: the host copies of a parked model (ours
+        # and vLLM's sleep) would otherwise stay in this process after the model is gone.
+        if hasattr(torch._C, "_host_emptyCache"):
+            steps.append(("pinned host cache", torch._C._host_emptyCache))
     for name, step in steps:
         try:
             step()
