@@ -229,3 +229,17 @@ def test_allocator_waits_only_for_workers_that_would_fit():
     # pinned to a device whose workers are all busy
     assert not allocator.fits_once_started({0: S.PARKED, 1: S.STARTING, 2: S.SERVING}, devs, 1,
                                            ["cuda:1"])
+
+
+def test_allocator_one_active_model_per_device():
+    """The idle worker kept beside a serving one (parking) is not handed out while that
+    device's memory is in use; it is once the serving one is parked."""
+    S = WorkerState
+    devs = {0: "cuda:0", 1: "cuda:1", 2: "cuda:0"}
+    st = {0: S.SERVING, 1: S.IDLE, 2: S.IDLE}
+    assert allocator.reserve(st, devs, 1) == [1]
+    with pytest.raises(allocator.NoCapacity):
+        allocator.reserve(st, devs, 2)
+    with pytest.raises(allocator.NoCapacity, match="runs another model"):
+        allocator.reserve(st, devs, 1, ["cuda:0"])
+    assert allocator.reserve({**st, 0: S.PARKED}, devs, 2) == [1, 2]

@@ -11,6 +11,20 @@ class NoCapacity(Exception):
     """Not enough free workers (HTTP 409)."""
 
 
+# Worker states that hold (or are about to hold) their device's memory for a model.
+_ACTIVE = frozenset({WorkerState.RESERVED, WorkerState.ATTACHING, WorkerState.SERVING,
+                     WorkerState.DETACHING})
+
+
+def free_slots(states: Mapping[int, WorkerState], devices: Mapping[int, str]) -> set[int]:
+    """Idle workers an attach may take: one active model per device, so an idle worker
+    beside a serving one (kept ready for when that one is parked) is not free while the
+    device's memory is in use."""
+    busy_devices = {devices[s] for s, st in states.items() if st in _ACTIVE}
+    return {s for s, st in states.items()
+            if st == WorkerState.IDLE and devices[s] not in busy_devices}
+
+
 def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: int,
             wanted_devices: Sequence[str] | None = None) -> list[int]:
     """Return the slots of `n` IDLE workers, in rank order.
@@ -20,6 +34,11 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
     """
     if n < 1:
         raise ValueError("an attach needs at least one worker")
+    free_now = free_slots(states, devices)
+    busy_devices = {devices[s] for s, st in states.items() if st in _ACTIVE}
+
+    def is_free(s: int) -> bool:
+        return s in free_now
     if wanted_devices:
         if len(wanted_devices) != n:
             raise NoCapacity(f"{len(wanted_devices)} devices asked for, but TP x PP = {n}")
@@ -31,16 +50,17 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
             if not on_d:
                 raise NoCapacity(f"device {d} is not in this pool "
                                  f"(pool devices: {sorted(set(devices.values()))})")
-            idle = [s for s in on_d if states[s] == WorkerState.IDLE]
+            idle = [s for s in on_d if is_free(s)]
             if not idle:
                 raise NoCapacity(f"device {d} has no idle worker "
-                                 f"({', '.join(states[s].value for s in on_d)})")
+                                 f"({', '.join(states[s].value for s in on_d)})"
+                                 + (" and runs another model" if d in busy_devices else ""))
             slots.append(idle[0])
         return slots
     # A device may run several worker processes (an active one and parked ones), but the
     # ranks of one instance go to distinct devices: the lowest idle slot of each device.
     free: list[int] = []
-    for s in sorted(s for s, st in states.items() if st == WorkerState.IDLE):
+    for s in sorted(s for s in states if is_free(s)):
         if devices[s] not in {devices[f] for f in free}:
             free.append(s)
     if len(free) < n:

@@ -24,10 +24,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from vllm_pool.daemon import allocator
 from vllm_pool.daemon.pool import AttachError, Instance, Pool
 from vllm_pool.gateway.metrics import GatewayMetrics
 from vllm_pool.gateway.models_file import ModelEntry
-from vllm_pool.states import InstanceState, WorkerState
+from vllm_pool.states import InstanceState
 
 logger = logging.getLogger("vllm_pool.gateway")
 
@@ -301,12 +302,18 @@ class Router:
         takes devices no entry is pinned to first, so it does not sit on a pinned
         model's device and starve it while it serves."""
         workers = list(self.pool.workers.values())
+        ok = allocator.free_slots({w.slot: w.state for w in workers},
+                                  {w.slot: w.device for w in workers})
         if e.devices:
-            idle = all(w.state == WorkerState.IDLE for w in workers if w.device in e.devices)
-            return list(e.devices) if idle else None
+            free_devs = {w.device for w in workers if w.slot in ok}
+            return list(e.devices) if all(d in free_devs for d in e.devices) else None
         pinned = {d for m in self.models.values() for d in (m.entry.devices or ())}
-        free = sorted((w for w in workers if w.state == WorkerState.IDLE),
-                      key=lambda w: (w.device in pinned, w.slot))
+        free, seen = [], set()
+        for w in sorted((w for w in workers if w.slot in ok),
+                        key=lambda w: (w.device in pinned, w.slot)):
+            if w.device not in seen:  # one rank per device
+                seen.add(w.device)
+                free.append(w)
         return [w.device for w in free[:e.tp]] if len(free) >= e.tp else None
 
     def _pick_victim(self, m: Model) -> Model | None:
