@@ -36,9 +36,6 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
         raise ValueError("an attach needs at least one worker")
     free_now = free_slots(states, devices)
     busy_devices = {devices[s] for s, st in states.items() if st in _ACTIVE}
-
-    def is_free(s: int) -> bool:
-        return s in free_now
     if wanted_devices:
         if len(wanted_devices) != n:
             raise NoCapacity(f"{len(wanted_devices)} devices asked for, but TP x PP = {n}")
@@ -50,7 +47,7 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
             if not on_d:
                 raise NoCapacity(f"device {d} is not in this pool "
                                  f"(pool devices: {sorted(set(devices.values()))})")
-            idle = [s for s in on_d if is_free(s)]
+            idle = [s for s in on_d if s in free_now]
             if not idle:
                 raise NoCapacity(f"device {d} has no idle worker "
                                  f"({', '.join(states[s].value for s in on_d)})"
@@ -60,7 +57,7 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
     # A device may run several worker processes (an active one and parked ones), but the
     # ranks of one instance go to distinct devices: the lowest idle slot of each device.
     free: list[int] = []
-    for s in sorted(s for s in states if is_free(s)):
+    for s in sorted(free_now):
         if devices[s] not in {devices[f] for f in free}:
             free.append(s)
     if len(free) < n:
