@@ -121,12 +121,18 @@ class Pool:
                if a.pool_cli == "vllm" else [sys.executable, "-m", "vllm_pool", "serve"])
         t0 = time.perf_counter()
         self.log = open(os.path.join(log_dir, "daemon.log"), "ab")
-        self.proc = subprocess.Popen([*cli, *dev, "--port", str(self.port), "--log-dir", log_dir],
+        self.proc = subprocess.Popen([*cli, *dev, "--port", str(self.port), "--log-dir", log_dir,
+                                      "--kernel-warmup", a.kernel_warmup],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_health(self.url, self.proc, a.timeout)
         self.ready_s = time.perf_counter() - t0
         self.c = httpx.Client(base_url=self.url, timeout=a.timeout)
+        # Each worker's start: process warm-up, then the kernel warm-up attach (if on), and
+        # its idle footprint after both (what detaches are measured against).
+        self.workers_at_start = [
+            {k: w[k] for k in ("slot", "device", "warmup_s", "kernel_warmup_s", "baseline_bytes")}
+            for w in self.c.get("/workers").json()]
 
     def attach(self, a, model: str, name: str, extra_env: dict) -> dict:
         r = self.c.post("/instances", json={"model": model, "tp": a.tp, "name": name,
@@ -301,6 +307,8 @@ def main() -> int:
     p.add_argument("--plain-mp", action="store_true",
                    help="also measure plain vLLM with --distributed-executor-backend mp "
                         "(contender 'plain-mp': worker in its own process, as attached)")
+    p.add_argument("--kernel-warmup", choices=["auto", "off", "eager", "compiled"],
+                   default="auto", help="the pool's kernel warm-up at worker start")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
@@ -315,6 +323,7 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
     pool = Pool(a, log_dir)
     result["pool_ready_s"] = pool.ready_s
+    result["workers_at_start"] = pool.workers_at_start
     try:
         for mode in a.cache_modes.split(","):
             for rep in range(a.reps):
@@ -414,7 +423,10 @@ def a_rounds(result: dict) -> int:
 def print_table(result: dict) -> None:
     print(f"\n=== attach vs vllm serve | {result['machine']} | vLLM {result['vllm_version']} | "
           f"model {os.path.basename(result['model'].rstrip('/'))} ===")
-    print(f"pool ready in {result['pool_ready_s']:.1f}s")
+    kw = ", ".join(f"{w['device']} {w['kernel_warmup_s']:.1f}s"
+                   for w in result.get("workers_at_start", []) if w.get("kernel_warmup_s"))
+    print(f"pool ready in {result['pool_ready_s']:.1f}s (kernel warm-up "
+          f"{result['settings'].get('kernel_warmup', 'auto')}{': ' + kw if kw else ''})")
     hdr = f"{'cache':<7}{'contender':<10}{'to /health (med/min/max)':<28}{'to 1st completion (med/min/max)':<34}"
     print(hdr)
     for mode, m in result["summary"].items():

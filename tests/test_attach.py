@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 
 import httpx
 import pytest
@@ -212,3 +213,43 @@ def test_engine_death_returns_workers(idle_pool, model_a):
     # The dead EngineCore could not unlink its broadcast ring: the pool did.
     assert pool.detach("doomed").status_code == 200
     assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def test_kernel_warmup_then_attach_matches_plain(logs, model_a, reference):
+    """A new worker first attaches the pool's built-in warm-up model (here eager, on CPU):
+    it is shown as warming and the pool is not ready meanwhile; afterwards no instance is
+    left, the same process is idle, and a real attach answers as plain vLLM does."""
+    d = helpers.Daemon(1, os.path.join(logs, "kernel-warmup-pool"),
+                       ["--kernel-warmup", "eager", "--state-file", "none"])
+    try:
+        seen, warming_pid, health_while_warming = set(), None, set()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                w = d.workers()[0]
+            except httpx.HTTPError:
+                time.sleep(0.2)
+                continue
+            seen.add(w["state"])
+            if w["state"] == "warming":
+                warming_pid = w["pid"]
+                health_while_warming.add(d.client.get("/health").status_code)
+            if w["state"] == "idle":
+                break
+            time.sleep(0.2)
+        assert "warming" in seen, seen
+        assert health_while_warming == {503}
+        d.wait_ready()
+        w = d.workers()[0]
+        assert w["state"] == "idle" and w["pid"] == warming_pid and w["restarts"] == 0, w
+        assert w["kernel_warmup_s"] > 0, w
+        assert d.instances() == []
+
+        inst = _ok(d.attach(model_a, name="after-warmup"))
+        assert helpers.greedy(inst["url"], model_a) == reference(model_a, 1)
+        assert d.detach("after-warmup").status_code == 200
+        w = d.wait_workers(lambda ws: ws[0]["state"] == "idle")[0]
+        assert w["pid"] == warming_pid
+        assert w["memory_bytes"] - w["baseline_bytes"] < CPU_RSS_SLACK, w
+    finally:
+        assert d.stop() == 0

@@ -24,7 +24,7 @@ def test_bench_attach_json_has_every_field(tmp_path, model_a, model_b):
     assert "speed-up to first completion" in r.stdout  # the table was printed
     res = json.loads(out.read_text())
     for k in ("machine", "device", "vllm_version", "model", "model_b", "settings", "runs",
-              "summary", "pool_ready_s"):
+              "summary", "pool_ready_s", "workers_at_start"):
         assert k in res, k
     kinds = {r["contender"] for r in res["runs"]}
     assert kinds == {"plain", "attach", "swap"}

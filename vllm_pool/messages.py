@@ -24,6 +24,7 @@ class Lease(msgspec.Struct, tag=True):
     """Reserve the worker for one instance; only a matching attach is accepted."""
     instance_id: str
     token: str
+    warmup: bool = False  # the pool's kernel warm-up: measure the idle footprint after it
 
 
 class Release(msgspec.Struct, tag=True):

@@ -11,6 +11,7 @@ import enum
 
 class WorkerState(str, enum.Enum):
     STARTING = "starting"    # process spawned, importing and warming up
+    WARMING = "warming"      # up, running the pool's kernel warm-up attach; not free yet
     IDLE = "idle"            # warm, holds no model, free for the allocator
     RESERVED = "reserved"    # leased to an instance whose engine is starting
     ATTACHING = "attaching"  # building vLLM's worker and model runner

@@ -63,6 +63,7 @@ class WorkerInfo(BaseModel):
     memory_bytes: int
     baseline_bytes: int
     warmup_s: float
+    kernel_warmup_s: float
     restarts: int
     error: str | None
 
@@ -86,10 +87,11 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
         parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken)
 
 
-def worker_info(w: WorkerHandle) -> WorkerInfo:
-    return WorkerInfo(slot=w.slot, device=w.device, state=w.state, pid=w.pid,
+def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
+    return WorkerInfo(slot=w.slot, device=w.device, state=pool.worker_state(w), pid=w.pid,
                       instance_id=w.instance_id, memory_bytes=w.memory_bytes,
                       baseline_bytes=w.baseline_bytes, warmup_s=round(w.warmup_s, 3),
+                      kernel_warmup_s=round(w.kernel_warmup_s, 3),
                       restarts=max(0, w.restarts), error=w.error)
 
 
@@ -159,9 +161,10 @@ def build_app(pool: Pool) -> FastAPI:
     @app.get("/health", response_model=Health)
     def health() -> Health:
         ws = list(pool.workers.values())
-        idle = sum(w.state == WorkerState.IDLE for w in ws)
+        idle = sum(pool.worker_state(w) == WorkerState.IDLE for w in ws)
         # Workers started beside parked ones do not make the pool unready while they warm.
-        ok = all(w.state not in (WorkerState.STARTING, WorkerState.FAILED)
+        ok = all(pool.worker_state(w) not in (WorkerState.STARTING, WorkerState.WARMING,
+                                              WorkerState.FAILED)
                  for w in ws if not w.extra)
         if pool.stopping or not ok:
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
@@ -171,7 +174,7 @@ def build_app(pool: Pool) -> FastAPI:
 
     @app.get("/workers", response_model=list[WorkerInfo])
     def workers() -> list[WorkerInfo]:
-        return [worker_info(w) for w in pool.workers.values()]
+        return [worker_info(pool, w) for w in list(pool.workers.values())]
 
     @app.get("/instances", response_model=list[InstanceInfo])
     def instances() -> list[InstanceInfo]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from vllm_pool import compat, messages
-from vllm_pool.daemon import allocator, parking, state_file
+from vllm_pool.daemon import allocator, kernel_warmup, parking, state_file
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
 from vllm_pool.states import ATTACH_PHASES, LIVE_INSTANCE_STATES, InstanceState, WorkerState
@@ -63,6 +63,7 @@ class PoolConfig:
     park_budget_bytes: int = 0              # host memory for parked instances (0: default)
     park_on_detach: bool = False            # a plain detach parks
     wake_evicts: str = "park"               # what waking does to an occupant: park|detach
+    kernel_warmup: str = "off"              # off|eager|compiled: see kernel_warmup.py
 
 
 @dataclass
@@ -109,6 +110,11 @@ class Pool:
         self.instances: dict[str, Instance] = {}
         self.spares: list[EngineProcess] = []
         self.stopping = False
+        # Slots whose process has not yet run its kernel warm-up attach: not free, and
+        # shown as WARMING once the process itself is up.
+        self.warming: set[int] = set()
+        self._warmup_running: set[int] = set()
+        self._warmup_model_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.log_dir, exist_ok=True)
@@ -137,9 +143,31 @@ class Pool:
         # context on one.
         return {"CUDA_VISIBLE_DEVICES": self.cfg.visible_devices or ""}
 
+    def _spawn(self, w: WorkerHandle) -> None:
+        """Start (or restart) a worker; a new process runs the kernel warm-up before it
+        is free, except the extra ones started beside parked workers (their device runs
+        a model) and once a warm-up has failed in this pool."""
+        if self.cfg.kernel_warmup != "off" and not w.extra:
+            with self.lock:
+                self.warming.add(w.slot)
+        w.spawn()
+
+    def worker_state(self, w: WorkerHandle) -> WorkerState:
+        """The pool's view of a worker: WARMING while its kernel warm-up is due or runs."""
+        if w.slot in self.warming and w.state not in (WorkerState.STARTING, WorkerState.FAILED,
+                                                      WorkerState.STOPPED):
+            return WorkerState.WARMING
+        return w.state
+
+    def alloc_states(self) -> dict[int, WorkerState]:
+        """Worker states as the allocator sees them: a warming worker is still starting
+        (not free, but worth waiting for)."""
+        return {s: WorkerState.STARTING if s in self.warming else w.state
+                for s, w in self.workers.items()}
+
     def start(self) -> None:
         for w in self.workers.values():
-            w.spawn()
+            self._spawn(w)
         self._replenish_spares()
         if self.cfg.state_path:
             self._writer = threading.Thread(target=self._persist_loop, daemon=True,
@@ -217,12 +245,17 @@ class Pool:
         return spare
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        timeout = timeout or self.cfg.worker_start_timeout
-        for w in self.workers.values():
-            w.wait_for(lambda w: w.state != WorkerState.STARTING, timeout)
-            if w.state != WorkerState.IDLE:
+        """Until every worker is idle: started, and its kernel warm-up done."""
+        deadline = time.monotonic() + (timeout or self.cfg.worker_start_timeout)
+        for w in list(self.workers.values()):
+            w.wait_for(lambda w: w.state != WorkerState.STARTING,
+                       max(0.0, deadline - time.monotonic()))
+            while self.worker_state(w) in (WorkerState.STARTING, WorkerState.WARMING) \
+                    and time.monotonic() < deadline and not self.stopping:
+                time.sleep(0.05)
+            if self.worker_state(w) != WorkerState.IDLE:
                 raise RuntimeError(f"pool worker {w.slot} ({w.device}) did not start: "
-                                   f"{w.error or w.state.value}; see {w.log_path}")
+                                   f"{w.error or self.worker_state(w).value}; see {w.log_path}")
 
     def shutdown(self) -> None:
         with self.lock:
@@ -257,6 +290,14 @@ class Pool:
             inst.dist_idents.add(ev.dist_ident)
         if ev.state == WorkerState.FAILED and inst is not None:
             self._fail_instance(inst, f"worker {w.slot} failed: {ev.error}")
+        if ev.state == WorkerState.IDLE and not self.stopping:
+            with self.lock:
+                start = w.slot in self.warming and w.slot not in self._warmup_running
+                if start:
+                    self._warmup_running.add(w.slot)
+            if start:
+                threading.Thread(target=self._kernel_warmup, args=(w,), daemon=True,
+                                 name=f"PoolKernelWarmup-{w.slot}").start()
         if ev.state == WorkerState.IDLE and w.extra and not self.stopping:
             # Warmed up after its device got an idle worker back: one of them can go.
             threading.Thread(target=self._trim_idle_workers, args=([w.device],),
@@ -277,7 +318,7 @@ class Pool:
             w.set_state(WorkerState.FAILED, given_up=True)
             return
         logger.warning("pool worker %d (pid %s) exited with %s; respawning", w.slot, w.pid, rc)
-        w.spawn()
+        self._spawn(w)
 
     def _fail_instance(self, inst: Instance, reason: str) -> None:
         """A serving instance lost a process: stop what is left, reclaim, keep it listed."""
@@ -328,24 +369,13 @@ class Pool:
             if port is not None and (any(i.port == port for i in self.instances.values())
                                      or not _port_free(self.cfg.engine_host, port)):
                 raise AttachError(f"port {port} is in use", 409)
-            states = {s: w.state for s, w in self.workers.items()}
+            states = self.alloc_states()
             devs = {s: w.device for s, w in self.workers.items()}
             try:
                 slots = allocator.reserve(states, devs, n, devices)
             except allocator.NoCapacity as e:
                 raise AttachError(str(e), 409) from None
-            port = port or _free_port(self.cfg.engine_host,
-                                      {i.port for i in self.instances.values()})
-            run_dir = os.path.join(self.cfg.run_dir, f"inst-{iid}")
-            inst = Instance(id=iid, name=name, model=model, tp=tp, pp=pp, port=port,
-                            host=self.cfg.engine_host, args=args, env=env, slots=slots,
-                            token=secrets.token_hex(16), run_dir=run_dir,
-                            log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"),
-                            settings=settings, devices=[self.workers[s].device for s in slots])
-            for s in slots:
-                self.workers[s].set_state(WorkerState.RESERVED, instance_id=iid)
-                self.workers[s].send(messages.Lease(instance_id=iid, token=inst.token))
-            self.instances[iid] = inst
+            inst = self._lease(iid, name, model, tp, pp, port, args, env, slots, settings)
         inst.phases["reserve"] = time.perf_counter() - t0
         logger.info("attaching %s as %s (TP=%d PP=%d) on workers %s, port %d",
                     model, name, tp, pp, slots, port)
@@ -369,6 +399,66 @@ class Pool:
                 w.spawn()
         return inst
 
+    def _lease(self, iid: str, name: str, model: str, tp: int, pp: int, port: int | None,
+               args: list[str], env: dict[str, str], slots: list[int], settings: str,
+               warmup: bool = False) -> Instance:
+        """Register the instance and lease it its workers (under the lock)."""
+        port = port or _free_port(self.cfg.engine_host, {i.port for i in self.instances.values()})
+        inst = Instance(id=iid, name=name, model=model, tp=tp, pp=pp, port=port,
+                        host=self.cfg.engine_host, args=args, env=env, slots=slots,
+                        token=secrets.token_hex(16),
+                        run_dir=os.path.join(self.cfg.run_dir, f"inst-{iid}"),
+                        log_path=os.path.join(self.cfg.log_dir, f"engine-{iid}.log"),
+                        settings=settings, devices=[self.workers[s].device for s in slots])
+        for s in slots:
+            self.workers[s].set_state(WorkerState.RESERVED, instance_id=iid)
+            self.workers[s].send(messages.Lease(instance_id=iid, token=inst.token,
+                                                warmup=warmup))
+        self.instances[iid] = inst
+        return inst
+
+    def _kernel_warmup(self, w: WorkerHandle) -> None:
+        """Attach the built-in warm-up model to this new worker alone, then detach it; the
+        worker measures its idle footprint again afterwards (kernel_warmup.py says why)."""
+        t0 = time.perf_counter()
+        mode = self.cfg.kernel_warmup
+        inst = None
+        try:
+            if mode == "off":  # turned off by another worker's failed warm-up
+                return
+            with self._warmup_model_lock:  # one build, however many workers start at once
+                model = kernel_warmup.ensure_model()
+            on_gpu = w.device.startswith("cuda")
+            iid = uuid.uuid4().hex[:12]
+            with self.lock:
+                if self.stopping or w.state != WorkerState.IDLE or w.instance_id is not None:
+                    return
+                inst = self._lease(iid, f"{kernel_warmup.NAME_PREFIX}{w.slot}", model, 1, 1,
+                                   None, kernel_warmup.engine_args(mode, on_gpu), {}, [w.slot],
+                                   "", warmup=True)
+            logger.info("worker %d: kernel warm-up attach (%s) of the built-in model",
+                        w.slot, mode)
+            try:
+                self._launch_and_wait(inst, self.cfg.worker_start_timeout)
+            except BaseException as e:
+                self._abort_attach(inst, f"kernel warm-up failed: {e}")
+                raise
+            finally:
+                threading.Thread(target=self._replenish_spares, daemon=True).start()
+            self.detach(inst.id, park=False)
+            w.kernel_warmup_s = time.perf_counter() - t0
+            logger.info("worker %d: kernel warm-up done in %.1fs (attach %.1fs)", w.slot,
+                        w.kernel_warmup_s, inst.phases.get("total", 0.0))
+        except Exception as e:  # noqa: BLE001 - a failed warm-up must not take the pool down
+            # The worker serves without it; later workers skip it rather than fail alike.
+            logger.error("worker %d: kernel warm-up failed, turning it off for this pool: %s",
+                         w.slot, e)
+            self.cfg.kernel_warmup = "off"
+        finally:
+            with self.lock:
+                self.warming.discard(w.slot)
+                self._warmup_running.discard(w.slot)
+
     def _wait_for_starting_workers(self, n: int, devices: list[str] | None,
                                    timeout: float) -> None:
         """An attach that only lacks workers still starting waits for them rather than
@@ -376,7 +466,7 @@ class Pool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.stopping:
             with self.lock:
-                states = {s: w.state for s, w in self.workers.items()}
+                states = self.alloc_states()
                 devs = {s: w.device for s, w in self.workers.items()}
                 try:
                     allocator.reserve(states, devs, n, devices)

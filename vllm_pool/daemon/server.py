@@ -68,6 +68,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="where the daemon records its processes and instances, so a daemon "
                         "started after a crash stops and removes what the dead one left "
                         "(default: ~/.cache/vllm-pool/pool-<port>.state.json; 'none' disables)")
+    p.add_argument("--kernel-warmup", choices=["auto", "off", "eager", "compiled"],
+                   default="auto",
+                   help="each new worker first attaches a built-in tiny model once, so the "
+                        "first real attach does not pay for compiling vLLM's Triton kernels "
+                        "and loading CUDA modules (`compiled` also pays Inductor's first use); "
+                        "auto: compiled on GPUs, off on CPU")
     k = p.add_argument_group("parking", "parked models: asleep, re-attached in about a second "
                              "(docs/parking.md)")
     k.add_argument("--enable-parking", action="store_true",
@@ -138,6 +144,7 @@ def serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"models file refused: {e}") from None
     import uvicorn
 
+    from vllm_pool.daemon import kernel_warmup
     from vllm_pool.daemon.api import build_app
     from vllm_pool.daemon.pool import Pool, PoolConfig
 
@@ -183,7 +190,9 @@ def serve(args: argparse.Namespace) -> int:
                            parking=args.enable_parking,
                            park_budget_bytes=0 if args.park_budget_gb is None
                            else max(1, int(args.park_budget_gb * 2**30)),
-                           park_on_detach=args.park_on_detach, wake_evicts=args.wake_evicts))
+                           park_on_detach=args.park_on_detach, wake_evicts=args.wake_evicts,
+                           kernel_warmup=kernel_warmup.resolve_mode(args.kernel_warmup,
+                                                                    args.gpus is not None)))
     app = build_app(pool)
     if api_key:
         _require_key(app, api_key)

@@ -40,6 +40,7 @@ class WorkerHandle:
         self.memory_bytes = 0
         self.baseline_bytes = 0
         self.warmup_s = 0.0
+        self.kernel_warmup_s = 0.0         # the pool's warm-up attach on this process
         self.error: str | None = None
         self.shm_names: list[str] = []
         self.phases: dict[str, float] = {}
@@ -78,6 +79,7 @@ class WorkerHandle:
         self.pid = self.proc.pid
         self.restarts += 1
         self.ever_idle = False
+        self.kernel_warmup_s = 0.0
         self.set_state(WorkerState.STARTING, instance_id=None, error=None)
         threading.Thread(target=self._read_events, args=(evt_r, self.proc), daemon=True,
                          name=f"PoolWorkerEvents-{self.slot}").start()

@@ -302,7 +302,8 @@ class Router:
         takes devices no entry is pinned to first, so it does not sit on a pinned
         model's device and starve it while it serves."""
         workers = list(self.pool.workers.values())
-        ok = allocator.free_slots({w.slot: w.state for w in workers},
+        states = self.pool.alloc_states()
+        ok = allocator.free_slots({w.slot: states.get(w.slot, w.state) for w in workers},
                                   {w.slot: w.device for w in workers})
         if e.devices:
             free_devs = {w.device for w in workers if w.slot in ok}

@@ -30,11 +30,17 @@ CHAT_TEMPLATE = (
 
 
 def build_model(out: str, size: str = "tiny", seed: int = 0, vocab: int = 2048,
-                num_layers: int | None = None, dtype: str = "float32") -> str:
-    """Write the model to `out` unless an identical build is already there."""
+                num_layers: int | None = None, dtype: str = "float32",
+                model_vocab: int | None = None) -> str:
+    """Write the model to `out` unless an identical build is already there.
+
+    `model_vocab` pads the model's vocabulary beyond the tokenizer's (as many real models
+    do), to pick the size that vLLM's kernels see."""
     stamp = {"size": size, "seed": seed, "vocab": vocab, "layers": num_layers, "v": 1}
     if dtype != "float32":
         stamp["dtype"] = dtype
+    if model_vocab is not None:
+        stamp["model_vocab"] = model_vocab
     stamp_path = os.path.join(out, "vllm_pool_fixture.json")
     if os.path.exists(stamp_path):
         with open(stamp_path) as f:
@@ -60,7 +66,7 @@ def build_model(out: str, size: str = "tiny", seed: int = 0, vocab: int = 2048,
     shape = dict(SIZES[size])
     if num_layers is not None:
         shape["num_hidden_layers"] = num_layers
-    cfg = LlamaConfig(vocab_size=len(fast), max_position_embeddings=2048,
+    cfg = LlamaConfig(vocab_size=max(len(fast), model_vocab or 0), max_position_embeddings=2048,
                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
                       pad_token_id=fast.pad_token_id, torch_dtype=dtype,
                       tie_word_embeddings=False, **shape)
@@ -84,9 +90,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--model-vocab", type=int, default=None,
+                   help="pad the model's vocabulary to this size")
     a = p.parse_args()
     t0 = time.time()
-    build_model(a.out, a.size, a.seed, num_layers=a.layers, dtype=a.dtype)
+    build_model(a.out, a.size, a.seed, num_layers=a.layers, dtype=a.dtype,
+                model_vocab=a.model_vocab)
     print(f"model at {a.out} in {time.time() - t0:.1f}s")
 
 

@@ -200,9 +200,10 @@ class PoolWorker:
         import torch
 
         from vllm_pool.states import WorkerState
-        from vllm_pool.worker.reset import (clean_check, freeze_idle_heap, memory_in_use,
-                                            torch_reserved)
+        from vllm_pool.worker.reset import (IdleBaseline, clean_check, freeze_idle_heap,
+                                            memory_in_use, torch_reserved)
 
+        warmup = self.lease is not None and self.lease.warmup
         instance_id = self._attach_session(conn)
         if instance_id is None:
             return
@@ -229,6 +230,15 @@ class PoolWorker:
         else:
             logger.info("worker %d clean after detach of %s: RSS %+.0f MiB over idle",
                         self.slot, instance_id, over)
+        if warmup and instance_id is not None:
+            # The pool's kernel warm-up attach: what it leaves loaded (kernel modules, the
+            # Triton and cuBLAS state) is this process's idle footprint from now on, and
+            # later detaches are measured against it.
+            before = self.baseline.device_bytes
+            self.baseline = IdleBaseline.measure(self.device)
+            logger.info("worker %d idle footprint after the kernel warm-up: %.0f MiB (was "
+                        "%.0f MiB)", self.slot, self.baseline.device_bytes / 2**20,
+                        before / 2**20)
         freeze_idle_heap(collect=False)  # collected just before the clean check
         self.emit(WorkerState.IDLE)
 
