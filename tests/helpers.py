@@ -18,6 +18,27 @@ MAX_TOKENS = 12
 # Settings shared by the pooled and the plain engines, so their greedy tokens must agree.
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--max-num-seqs", "8", "--seed", "0"]
+# GPU runs of the same tests (the fault cells on the H100): VLLM_POOL_TEST_GPUS=0 makes
+# every test pool a GPU pool on those GPUs instead of a CPU pool.
+GPUS = os.environ.get("VLLM_POOL_TEST_GPUS")
+if GPUS:
+    # bf16 on GPUs; and half the memory each, so that the plain-vLLM reference and a pool
+    # instance fit on one GPU at once (vLLM's default takes 92% and refuses the second).
+    ENGINE_ARGS[1] = "bfloat16"
+    ENGINE_ARGS += ["--gpu-memory-utilization", "0.4"]
+
+
+def gpu_memory_used_mib() -> int:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout
+    return sum(int(x) for x in out.split())
+
+
+def gpu_pids() -> set[int]:
+    """Processes holding a CUDA context on any GPU."""
+    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"],
+                         capture_output=True, text=True, check=True).stdout
+    return {int(x) for x in out.split()}
 
 
 def free_port() -> int:
@@ -61,8 +82,10 @@ class Daemon:
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)
         self.log = open(os.path.join(log_dir, "daemon.log"), "ab")
+        devices = ["--gpus", GPUS, "--kernel-warmup", "off"] if GPUS else \
+            ["--cpu-slots", str(slots)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_pool", "serve", "--cpu-slots", str(slots),
+            [sys.executable, "-m", "vllm_pool", "serve", *devices,
              "--port", str(self.port), "--log-dir", log_dir, *(extra or [])],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.client = httpx.Client(base_url=self.url, timeout=600)

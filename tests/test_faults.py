@@ -29,8 +29,8 @@ import pytest
 
 from tests import helpers
 
-SLOT = 1
-DEVICE = f"cpu:{SLOT}"
+SLOT = 0 if helpers.GPUS else 1
+DEVICE = "cuda:0" if helpers.GPUS else f"cpu:{SLOT}"
 K9, TERM = signal.SIGKILL, signal.SIGTERM
 
 # (process kind, signal, phase) -> the expected outcome is asserted in check_outcome.
@@ -90,6 +90,7 @@ def test_fault_cell(idle_pool, model_a, reference, kind, sig, phase):
     pool = idle_pool
     pids_before = [w["pid"] for w in pool.workers()]
     shm_before = set(os.listdir("/dev/shm"))
+    gpu_before = helpers.gpu_memory_used_mib() if helpers.GPUS else 0
     name = f"fault-{kind}-{phase}".replace("_", "-")
     attach_result: dict = {}
 
@@ -167,6 +168,14 @@ def test_fault_cell(idle_pool, model_a, reference, kind, sig, phase):
         assert pids_after == pids_before, "the worker should be reclaimed, not respawned"
     assert pool.instances() == []
     _assert_nothing_left(pool, victim, engine_pid, core_pid, shm_before)
+    if helpers.GPUS:
+        # Only the pool's workers hold the GPU, and its memory is back at the idle pool's
+        # (a respawned worker's fresh context is smaller; a reused one is back within the
+        # allocator slack).
+        assert helpers.gpu_pids() <= {w["pid"] for w in ws}, (helpers.gpu_pids(), ws)
+        after = helpers.gpu_memory_used_mib()
+        print(f"GPU memory: {gpu_before} MiB before the cell, {after} MiB after")
+        assert after <= gpu_before + 256, (gpu_before, after)
     if stream_end is not None:
         assert stream_end != "completed", "the stream finished despite the kill"
     # The pool attaches again on that slot and answers as plain vLLM does.
@@ -245,6 +254,9 @@ def test_daemon_kill9_while_serving_leaves_no_process(logs, model_a):
         _poll(lambda: not [p for p in tree if os.path.exists(f"/proc/{p}")], 60,
               f"processes outlived the daemon: {tree}", every=0.2)
         assert _group_members(inst["engine_pid"]) == []
+        if helpers.GPUS:  # no process left holding a GPU (the whole device is this pool's)
+            _poll(lambda: not (helpers.gpu_pids() & set(tree)), 30,
+                  f"processes still hold the GPU: {helpers.gpu_pids()}", every=0.2)
     finally:
         d.stop()
     # What the daemon could not remove: its run dir (sockets) and shared memory nobody

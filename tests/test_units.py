@@ -243,3 +243,44 @@ def test_allocator_one_active_model_per_device():
     with pytest.raises(allocator.NoCapacity, match="runs another model"):
         allocator.reserve(st, devs, 1, ["cuda:0"])
     assert allocator.reserve({**st, 0: S.PARKED}, devs, 2) == [1, 2]
+
+
+def test_kernel_warmup_mode_and_engine_args():
+    from vllm_pool.daemon import kernel_warmup as kw
+
+    assert kw.resolve_mode("auto", on_gpu=True) == "compiled"
+    assert kw.resolve_mode("auto", on_gpu=False) == "off"
+    assert kw.resolve_mode("eager", on_gpu=False) == "eager"
+    gpu, cpu = kw.engine_args("compiled", True), kw.engine_args("eager", False)
+    assert "--enforce-eager" not in gpu and "--enforce-eager" in cpu
+    assert gpu[gpu.index("--dtype") + 1] == "bfloat16" and "--dtype" not in cpu
+    # vLLM's warm-up sizes its dummy batch from these: the user's defaults must apply.
+    assert not {"--max-num-seqs", "--max-num-batched-tokens"} & set(gpu)
+    # The warm-up lease tells the worker to measure its idle footprint afterwards.
+    lease = messages.decode_command(messages.encode(messages.Lease("i", "t", warmup=True)))
+    assert lease.warmup is True
+    assert messages.decode_command(messages.encode(messages.Lease("i", "t"))).warmup is False
+
+
+def test_warming_worker_is_not_free_but_worth_waiting_for():
+    """The pool shows a warming worker to the allocator as starting."""
+    devs = {0: "cuda:0"}
+    warming = {0: WorkerState.STARTING}
+    with pytest.raises(allocator.NoCapacity):
+        allocator.reserve(warming, devs, 1)
+    assert allocator.fits_once_started(warming, devs, 1)
+
+
+def test_pool_shows_a_warming_worker_and_keeps_it_from_the_allocator(tmp_path):
+    from vllm_pool.daemon.pool import Pool, PoolConfig
+
+    pool = Pool(PoolConfig(devices=["cpu:0"], visible_devices=None, run_dir=str(tmp_path / "r"),
+                           log_dir=str(tmp_path / "l"), kernel_warmup="eager"))
+    w = pool.workers[0]
+    w.state = WorkerState.IDLE  # the process is up; its warm-up attach is due
+    pool.warming.add(0)
+    assert pool.worker_state(w) == WorkerState.WARMING
+    assert pool.alloc_states() == {0: WorkerState.STARTING}
+    pool.warming.discard(0)
+    assert pool.worker_state(w) == WorkerState.IDLE
+    assert pool.alloc_states() == {0: WorkerState.IDLE}

@@ -378,7 +378,7 @@ class Pool:
             inst = self._lease(iid, name, model, tp, pp, port, args, env, slots, settings)
         inst.phases["reserve"] = time.perf_counter() - t0
         logger.info("attaching %s as %s (TP=%d PP=%d) on workers %s, port %d",
-                    model, name, tp, pp, slots, port)
+                    model, name, tp, pp, slots, inst.port)
         try:
             self._launch_and_wait(inst, timeout)
         except AttachError as e:
