@@ -1,18 +1,24 @@
 """Pass a request through to an instance and its answer back, as it comes.
 
-The upstream body is relayed chunk by chunk (`aiter_raw`), so Server-Sent Events reach the
-client when vLLM writes them. When the client goes away, sending the next chunk fails and
-the upstream response is closed; vLLM sees its connection drop and aborts the request.
+The upstream is reached with aiohttp (a vLLM dependency): on the CPU machine the gateway
+added about half the latency per request that it did with httpx's async client
+(docs/gateway.md has the figures). Streams (Server-Sent Events, or any answer without a
+length) are relayed chunk by chunk as they arrive (`iter_any`, no decompression), so
+events reach the client when vLLM writes them; when the client goes away, sending the next
+chunk fails and the upstream connection is closed, not reused: vLLM sees it drop and aborts
+the request. A whole JSON answer is read and sent in one piece: vLLM sends it only once the
+generation is done, so relaying it piecewise would gain nothing and cost a streaming
+response's per-request machinery.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import aiohttp
 import anyio
-import httpx
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1), and ours: the gateway's key is not the engine's.
 _DROP_REQUEST = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
@@ -27,19 +33,18 @@ class UpstreamError(Exception):
 
 
 class _Relay(StreamingResponse):
-    """StreamingResponse that always closes the upstream response and reports the
-    outcome exactly once, however the response ends (done, client gone, cancelled)."""
+    """StreamingResponse that always ends the upstream response and reports the outcome
+    exactly once, however the response ends (done, client gone, cancelled)."""
 
-    def __init__(self, upstream: httpx.Response, on_done: Callable[[int], None]):
+    def __init__(self, upstream: aiohttp.ClientResponse, on_done: Callable[[int], None]):
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
-        super().__init__(self._relay(upstream), status_code=upstream.status_code,
-                         headers=headers)
+        super().__init__(self._relay(upstream), status_code=upstream.status, headers=headers)
         self.upstream = upstream
         self.on_done = on_done
         self.complete = False
 
-    async def _relay(self, upstream: httpx.Response):
-        async for chunk in upstream.aiter_raw():
+    async def _relay(self, upstream: aiohttp.ClientResponse):
+        async for chunk in upstream.content.iter_any():
             yield chunk
         self.complete = True
 
@@ -48,35 +53,63 @@ class _Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             # Starlette returns normally when it notices the disconnect itself.
-            status = self.upstream.status_code if self.complete else CLIENT_GONE
+            status = self.upstream.status if self.complete else CLIENT_GONE
             with anyio.CancelScope(shield=True):
-                await self.upstream.aclose()
+                if self.complete:
+                    self.upstream.release()  # the connection goes back to the pool
+                else:
+                    self.upstream.close()  # cut: vLLM sees the disconnect and aborts
             self.on_done(status)
 
 
 class Proxy:
     def __init__(self) -> None:
-        # No read timeout: a long generation is not a hung one; vLLM has its own limits.
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made on first use: a session belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0,
+                                               keepalive_timeout=60),
+                # No read timeout: a long generation is not a hung one; vLLM has its limits.
+                timeout=aiohttp.ClientTimeout(total=None, connect=10.0),
+                auto_decompress=False, skip_auto_headers=("User-Agent",))
+        return self._session
 
     async def forward(self, request: Request, body: bytes, base_url: str,
-                      on_done: Callable[[int], None]) -> StreamingResponse:
+                      on_done: Callable[[int], None]) -> Response:
         """Send `request` (its body already read) to `base_url`; the returned response
         streams the answer. Raises UpstreamError when the instance does not answer."""
         url = base_url + request.url.path
         if request.url.query:
             url += "?" + request.url.query
-        headers = [(k, v) for k, v in request.headers.raw
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
                    if k.decode("latin-1").lower() not in _DROP_REQUEST]
-        req = self.client.build_request(request.method, url, headers=headers, content=body)
         try:
-            upstream = await self.client.send(req, stream=True)
-        except httpx.HTTPError as e:
+            upstream = await self._client().request(
+                request.method, url, headers=headers, data=body,
+                skip_auto_headers=("Accept-Encoding", "Content-Type"))
+        except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"the instance at {base_url} did not answer: "
                                 f"{type(e).__name__}: {e}") from None
-        return _Relay(upstream, on_done)
+        if upstream.headers.get("content-type", "").startswith("text/event-stream") \
+                or upstream.content_length is None:
+            return _Relay(upstream, on_done)
+        # A whole JSON answer (not streamed): read it and answer in one piece, without a
+        # streaming response's per-request machinery.
+        try:
+            content = await upstream.read()
+        except (aiohttp.ClientError, OSError) as e:
+            upstream.close()
+            raise UpstreamError(f"the instance at {base_url} failed mid-answer: "
+                                f"{type(e).__name__}: {e}") from None
+        upstream.release()
+        on_done(upstream.status)
+        headers = {k: v for k, v in upstream.headers.items()
+                   if k.lower() not in _DROP_RESPONSE and k.lower() != "content-length"}
+        return Response(content, status_code=upstream.status, headers=headers)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
