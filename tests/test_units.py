@@ -284,3 +284,26 @@ def test_pool_shows_a_warming_worker_and_keeps_it_from_the_allocator(tmp_path):
     pool.warming.discard(0)
     assert pool.worker_state(w) == WorkerState.IDLE
     assert pool.alloc_states() == {0: WorkerState.IDLE}
+
+
+def test_cpu_tp_mappings_released_in_place():
+    """vLLM's CPU TP segments stay mapped after a detach; the teardown swaps each mapping
+    for an untouched anonymous one: the pages go, the addresses stay readable."""
+    import mmap
+
+    from vllm_pool import compat
+
+    path = f"/dev/shm/vllm_pool_unit_{os.getpid()}-tp-[0-1]-cpushm_0"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, 1 << 20)
+        m = mmap.mmap(fd, 1 << 20)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    m[:4] = b"data"
+    assert any(path in ln for ln in open("/proc/self/maps"))
+    assert compat.release_cpu_tp_mappings() >= 1 << 20
+    assert not any(path in ln for ln in open("/proc/self/maps"))
+    assert m[:4] == b"\0\0\0\0"  # still mapped (zero pages), as vLLM's destructor needs
+    m.close()

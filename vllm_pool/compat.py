@@ -150,6 +150,40 @@ def cpu_tp_shm_names(ident: str) -> list[str]:
     return [os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm*")]
 
 
+def release_cpu_tp_mappings() -> int:
+    """Free the memory of vLLM's CPU TP communicator segments that this process still maps.
+
+    vLLM's C++ `SHMManager` (csrc/cpu/shm.cpp, `init_shm_manager`) keeps every group's
+    mappings in a static list until the process exits and offers no call to drop one; the
+    pool unlinks the segments after a detach, but the mappings keep their pages (8 MiB per
+    worker per TP=2 attach). Called after the teardown, when no TP group is left in this
+    process: each such mapping is replaced in place by an untouched private anonymous one
+    (mmap MAP_FIXED), so its shared pages are freed while the address range stays valid
+    for the manager's destructor, which reads it once at process exit. Returns the bytes
+    released."""
+    import ctypes
+    import mmap as _mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    map_fixed, map_noreserve = 0x10, 0x4000  # Linux values (mmap(2))
+    flags = _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS | map_fixed | map_noreserve
+    released = 0
+    with open("/proc/self/maps") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/dev/shm/") or "-cpushm_" not in parts[5]:
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        got = libc.mmap(start, end - start, _mmap.PROT_READ | _mmap.PROT_WRITE, flags, -1, 0)
+        if got == start:
+            released += end - start
+    return released
+
+
 def dist_ident_of(init_method: str) -> str:
     """VLLM_DIST_IDENT as vLLM's CPU worker derives it from the init method."""
     return os.path.basename(init_method.split(":")[-1])

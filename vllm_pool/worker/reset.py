@@ -117,6 +117,9 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
         # and vLLM's sleep) would otherwise stay in this process after the model is gone.
         if hasattr(torch._C, "_host_emptyCache"):
             steps.append(("pinned host cache", torch._C._host_emptyCache))
+    else:
+        # vLLM's CPU TP communicator keeps its shared segments mapped until process exit.
+        steps.append(("cpu tp shared memory", compat.release_cpu_tp_mappings))
     for name, step in steps:
         try:
             step()
