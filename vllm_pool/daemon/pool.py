@@ -163,7 +163,7 @@ class Pool:
         """Worker states as the allocator sees them: a warming worker is still starting
         (not free, but worth waiting for)."""
         return {s: WorkerState.STARTING if s in self.warming else w.state
-                for s, w in self.workers.items()}
+                for s, w in list(self.workers.items())}  # callers off the lock too (gateway)
 
     def start(self) -> None:
         for w in self.workers.values():
