@@ -15,6 +15,8 @@ import tempfile
 import threading
 import time
 
+from vllm_pool.daemon import kernel_warmup
+
 logger = logging.getLogger("vllm_pool.daemon")
 
 API_KEY_ENV = "VLLM_POOL_API_KEY"
@@ -68,7 +70,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="where the daemon records its processes and instances, so a daemon "
                         "started after a crash stops and removes what the dead one left "
                         "(default: ~/.cache/vllm-pool/pool-<port>.state.json; 'none' disables)")
-    p.add_argument("--kernel-warmup", choices=["auto", "off", "eager", "compiled"],
+    p.add_argument("--kernel-warmup", choices=kernel_warmup.MODES,
                    default="auto",
                    help="each new worker first attaches a built-in tiny model once, so the "
                         "first real attach does not pay for compiling vLLM's Triton kernels "
@@ -144,7 +146,6 @@ def serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"models file refused: {e}") from None
     import uvicorn
 
-    from vllm_pool.daemon import kernel_warmup
     from vllm_pool.daemon.api import build_app
     from vllm_pool.daemon.pool import Pool, PoolConfig
 

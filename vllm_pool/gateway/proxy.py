@@ -79,8 +79,9 @@ class Proxy:
 
     async def forward(self, request: Request, body: bytes, base_url: str,
                       on_done: Callable[[int], None]) -> Response:
-        """Send `request` (its body already read) to `base_url`; the returned response
-        streams the answer. Raises UpstreamError when the instance does not answer."""
+        """Send `request` (its body already read) to `base_url` and return the answer: a
+        stream as it comes, a whole reply in one piece. Raises UpstreamError when the
+        instance does not answer."""
         url = base_url + request.url.path
         if request.url.query:
             url += "?" + request.url.query
@@ -104,6 +105,9 @@ class Proxy:
             upstream.close()
             raise UpstreamError(f"the instance at {base_url} failed mid-answer: "
                                 f"{type(e).__name__}: {e}") from None
+        except BaseException:  # cancelled: a half-read connection must not be reused
+            upstream.close()
+            raise
         upstream.release()
         on_done(upstream.status)
         headers = {k: v for k, v in upstream.headers.items()
