@@ -16,11 +16,15 @@ _ACTIVE = frozenset({WorkerState.RESERVED, WorkerState.ATTACHING, WorkerState.SE
                      WorkerState.DETACHING})
 
 
+def _busy_devices(states: Mapping[int, WorkerState], devices: Mapping[int, str]) -> set[str]:
+    return {devices[s] for s, st in states.items() if st in _ACTIVE}
+
+
 def free_slots(states: Mapping[int, WorkerState], devices: Mapping[int, str]) -> set[int]:
     """Idle workers an attach may take: one active model per device, so an idle worker
     beside a serving one (kept ready for when that one is parked) is not free while the
     device's memory is in use."""
-    busy_devices = {devices[s] for s, st in states.items() if st in _ACTIVE}
+    busy_devices = _busy_devices(states, devices)
     return {s for s, st in states.items()
             if st == WorkerState.IDLE and devices[s] not in busy_devices}
 
@@ -35,8 +39,8 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
     if n < 1:
         raise ValueError("an attach needs at least one worker")
     free_now = free_slots(states, devices)
-    busy_devices = {devices[s] for s, st in states.items() if st in _ACTIVE}
     if wanted_devices:
+        busy_devices = _busy_devices(states, devices)
         if len(wanted_devices) != n:
             raise NoCapacity(f"{len(wanted_devices)} devices asked for, but TP x PP = {n}")
         if len(set(wanted_devices)) != n:

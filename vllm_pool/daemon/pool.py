@@ -422,7 +422,6 @@ class Pool:
         worker measures its idle footprint again afterwards (kernel_warmup.py says why)."""
         t0 = time.perf_counter()
         mode = self.cfg.kernel_warmup
-        inst = None
         try:
             if mode == "off":  # turned off by another worker's failed warm-up
                 return

@@ -230,7 +230,7 @@ class PoolWorker:
         else:
             logger.info("worker %d clean after detach of %s: RSS %+.0f MiB over idle",
                         self.slot, instance_id, over)
-        if warmup and instance_id is not None:
+        if warmup:
             # The pool's kernel warm-up attach: what it leaves loaded (kernel modules, the
             # Triton and cuBLAS state) is this process's idle footprint from now on, and
             # later detaches are measured against it.
