@@ -26,6 +26,9 @@ _DROP_REQUEST = {"connection", "keep-alive", "proxy-authenticate", "proxy-author
                  "authorization"}
 _DROP_RESPONSE = {"connection", "keep-alive", "transfer-encoding", "trailer", "upgrade"}
 CLIENT_GONE = 499  # recorded when the client disconnected mid-response (nginx's code)
+# The OpenAI stream's last event. A client that has it has the whole answer: the openai client
+# closes the connection right there, before vLLM's end of the chunked body reaches us.
+_SSE_DONE = b"data: [DONE]"
 
 
 class UpstreamError(Exception):
@@ -41,11 +44,14 @@ class _Relay(StreamingResponse):
         super().__init__(self._relay(upstream), status_code=upstream.status, headers=headers)
         self.upstream = upstream
         self.on_done = on_done
-        self.complete = False
+        self.complete = False  # the upstream body was read to its end
+        self.delivered = False  # the client was sent the stream's [DONE] event
 
     async def _relay(self, upstream: aiohttp.ClientResponse):
         async for chunk in upstream.content.iter_any():
             yield chunk
+            # Resumed only after the chunk was sent.
+            self.delivered = chunk.rstrip().endswith(_SSE_DONE)
         self.complete = True
 
     async def __call__(self, scope, receive, send) -> None:
@@ -53,7 +59,7 @@ class _Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             # Starlette returns normally when it notices the disconnect itself.
-            status = self.upstream.status if self.complete else CLIENT_GONE
+            status = self.upstream.status if self.complete or self.delivered else CLIENT_GONE
             with anyio.CancelScope(shield=True):
                 if self.complete:
                     self.upstream.release()  # the connection goes back to the pool
