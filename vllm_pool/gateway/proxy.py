@@ -17,7 +17,6 @@ from collections.abc import Callable
 
 import aiohttp
 import anyio
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 # Hop-by-hop headers (RFC 9110 7.6.1), and ours: the gateway's key is not the engine's.
@@ -83,19 +82,19 @@ class Proxy:
                 auto_decompress=False, skip_auto_headers=("User-Agent",))
         return self._session
 
-    async def forward(self, request: Request, body: bytes, base_url: str,
+    async def forward(self, scope: dict, body: bytes, base_url: str,
                       on_done: Callable[[int], None]) -> Response:
-        """Send `request` (its body already read) to `base_url` and return the answer: a
-        stream as it comes, a whole reply in one piece. Raises UpstreamError when the
-        instance does not answer."""
-        url = base_url + request.url.path
-        if request.url.query:
-            url += "?" + request.url.query
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-                   if k.decode("latin-1").lower() not in _DROP_REQUEST]
+        """Send the ASGI request `scope` (its body already read) to `base_url` and return
+        the answer: a stream as it comes, a whole reply in one piece. Raises UpstreamError
+        when the instance does not answer."""
+        url = base_url + scope["path"]
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
+                   if k.decode("latin-1") not in _DROP_REQUEST]
         try:
             upstream = await self._client().request(
-                request.method, url, headers=headers, data=body,
+                scope["method"], url, headers=headers, data=body,
                 skip_auto_headers=("Accept-Encoding", "Content-Type"))
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"the instance at {base_url} did not answer: "

@@ -45,7 +45,11 @@ class Gateway:
         app = build_gateway_app(self.router, self.metrics, api_key)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
                                 # many concurrent streams: no keep-alive cap below theirs
-                                limit_concurrency=None, backlog=4096)
+                                limit_concurrency=None, backlog=4096,
+                                # Proxied answers carry the engine's Date and Server; ours
+                                # would repeat them. No X-Forwarded-* rewriting: unused.
+                                server_header=False, date_header=False,
+                                proxy_headers=False)
 
         class _ThreadServer(uvicorn.Server):
             @contextlib.contextmanager
