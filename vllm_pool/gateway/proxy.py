@@ -90,8 +90,8 @@ class Proxy:
         url = base_url + scope["path"]
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]
-                   if k.decode("latin-1") not in _DROP_REQUEST]
+        headers = [(name, v.decode("latin-1")) for k, v in scope["headers"]
+                   if (name := k.decode("latin-1")) not in _DROP_REQUEST]
         try:
             upstream = await self._client().request(
                 scope["method"], url, headers=headers, data=body,
