@@ -68,12 +68,13 @@ def cache_state(env: dict) -> str:
 
 
 def cache_env(mode: str, scratch: str) -> dict:
-    """'empty': fresh vLLM and Inductor caches for this one measurement."""
+    """'empty': fresh vLLM, Inductor and Triton caches for this one measurement."""
     if mode == "warm":
         return {}
     d = tempfile.mkdtemp(prefix="cache-", dir=scratch)
     return {"VLLM_CACHE_ROOT": os.path.join(d, "vllm"),
-            "TORCHINDUCTOR_CACHE_DIR": os.path.join(d, "inductor")}
+            "TORCHINDUCTOR_CACHE_DIR": os.path.join(d, "inductor"),
+            "TRITON_CACHE_DIR": os.path.join(d, "triton")}
 
 
 # ---- contenders ---------------------------------------------------------------------

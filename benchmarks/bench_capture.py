@@ -11,7 +11,7 @@ workload at each of `--concurrencies` (decode batches of that size). JSON plus a
     python benchmarks/bench_capture.py --device gpu --model /root/models/l1b \
         --engine-args "--dtype bfloat16 --max-model-len 2048" \
         --variant 'default=' \
-        --variant 'pow2=--compilation-config {"cudagraph_capture_sizes":[1,2,4,8,16,32,64,128,256,512]}'
+        --variant "pow2=--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,32,64,128,256,512]}'"
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ source "$(dirname "$0")/gpu_common.sh"
 [ -d /root/models/l1b ] || python3 /root/kit/mkmodel.py /root/models/l1b 1b
 TAG=${TAG:-capture}
 L=/tmp/$TAG-logs; rm -rf $L
-POW2='--compilation-config {"cudagraph_capture_sizes":[1,2,4,8,16,32,64,128,256,512]}'
+# (ARGS are split like a shell line: the JSON keeps its quotes inside single ones.)
+POW2="--compilation-config '{\"cudagraph_capture_sizes\":[1,2,4,8,16,32,64,128,256,512]}'"
 timeout -s TERM "${BENCH_TIMEOUT:-540}" python3 benchmarks/bench_capture.py --device gpu \
   --model /root/models/l1b --engine-args "--dtype bfloat16 --max-model-len 2048" \
   --variant "default=" --variant "pow2=$POW2" --log-dir $L --output-json "$OUT/$TAG.json" \

@@ -125,11 +125,11 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def plain_vllm(model: str, tp: int, log_path: str, args=None):
+def plain_vllm(model: str, tp: int, log_path: str, args=None, env=None):
     """Plain `vllm serve` (vLLM's own API server and executor) on the same settings."""
     port = free_port()
-    env = dict(os.environ)
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp)),
+           **(env or {})}
     with open(log_path, "ab") as log:
         log_start = log.tell()
         proc = subprocess.Popen(

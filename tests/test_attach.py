@@ -84,6 +84,45 @@ def test_no_leak_between_attaches_with_other_settings(idle_pool, model_a, model_
     assert r.status_code == 400 and "256" in r.text  # B's max_model_len, not A's 512
 
 
+def _compile_cache_keys(root: str) -> set[str]:
+    """The keys vLLM filed compiled graphs under: hash directories of its compile cache
+    (and of its AOT cache inside it, where the version has one)."""
+    top = os.path.join(root, "torch_compile_cache")
+    keys = {n for n in os.listdir(top) if n != "torch_aot_compile"} if os.path.isdir(top) \
+        else set()
+    aot = os.path.join(top, "torch_aot_compile")
+    if os.path.isdir(aot):
+        keys |= {f"torch_aot_compile/{n}" for n in os.listdir(aot)}
+    return keys
+
+
+def test_compile_cache_key_has_nothing_per_attach(idle_pool, model_a, logs, tmp_path):
+    """Compiled (not eager): two attaches with other names, ports, leases and run
+    directories file their graphs under one key, the key plain `vllm serve` uses for the
+    same model and settings, so every attach after the first finds the compile cache (and
+    the pool shares it with plain vLLM); the greedy tokens agree with plain's."""
+    pool = idle_pool
+    cache = str(tmp_path / "vllm-cache")
+    env = {"VLLM_CACHE_ROOT": cache}
+    args = [a for a in helpers.ENGINE_ARGS if a != "--enforce-eager"]
+    keys, outs = [], []
+    for i in range(2):
+        inst = _ok(pool.attach(model_a, name=f"compiled-{i}", port=helpers.free_port(),
+                               args=args, env=env, devices=["cpu:0"]))
+        outs.append(helpers.greedy(inst["url"], model_a))
+        keys.append(_compile_cache_keys(cache))
+        assert pool.detach(inst["name"]).status_code == 200
+    assert keys[0], "the compiled attach filed nothing under VLLM_CACHE_ROOT"
+    assert keys[1] == keys[0], f"the second attach compiled under a new key: {keys}"
+    # VLLM_CPU_OMP_THREADS_BIND is a compile-key factor; pool CPU workers are bound at
+    # spawn and run with vLLM's default for it, so plain runs with that default here.
+    with helpers.plain_vllm(model_a, 1, os.path.join(logs, "plain-compiled.log"), args,
+                            env=dict(env, VLLM_CPU_OMP_THREADS_BIND="auto")) as url:
+        plain_out = helpers.greedy(url, model_a)
+    assert _compile_cache_keys(cache) == keys[0], "plain vLLM keys the same model otherwise"
+    assert outs[0] == outs[1] == plain_out
+
+
 def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
     pool = idle_pool
     expected = reference(model_a, 2)  # first: the /dev/shm check below is the pool's

@@ -360,6 +360,14 @@ def cpu_worker_spawn_env(core: int, threads: int = 1) -> dict[str, str]:
     OpenMP reads its binding once per process, so it is fixed at spawn, as vLLM's
     OMPProcessManager does for its own workers; and like vLLM's CPU platform we preload
     torch's libgomp (else only one core is used under binding) and vLLM's tcmalloc.
+
+    vLLM's CPU platform also sets, in the engine's environment that its spawned workers
+    inherit (`CpuPlatform.check_and_update_config`, 0.26-0.32), two Inductor settings that
+    `torch._inductor.config` reads when it is imported: a warm worker imported it before
+    any attach, so the engine's values forwarded at attach come too late. Without them the
+    pool compiled with Inductor's own defaults: other code than plain vLLM's (dynamic
+    threads off, which vLLM says breaks the thread binding) under another compile-cache
+    key, since the AOT key hashes Inductor's config (test_attach's compile-cache test).
     """
     import importlib.util
 
@@ -367,6 +375,8 @@ def cpu_worker_spawn_env(core: int, threads: int = 1) -> dict[str, str]:
         "OMP_NUM_THREADS": str(threads),
         "OMP_PLACES": "{" + ",".join(str(core + i) for i in range(threads)) + "}",
         "OMP_PROC_BIND": "true",
+        "TORCHINDUCTOR_CPP_DYNAMIC_THREADS": "1",
+        "TORCHINDUCTOR_COMPILE_THREADS": "1",
     }
     preload = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
     spec_t = importlib.util.find_spec("torch")
@@ -460,6 +470,27 @@ def prepay_once_per_process(device: Any) -> dict[str, float]:
     trigger_inductor_lazy_init(device)
     spent["inductor_lazy_init"] = time.perf_counter() - t0
     return spent
+
+
+def worker_cache_env() -> dict[str, str]:
+    """TRITON_CACHE_DIR for pool workers: one directory for every attach, whichever way
+    vLLM gets the model's compiled graphs (unless the pool's environment sets it).
+
+    With vLLM's default Inductor standalone adaptor (torch >= 2.9) vLLM never sets
+    Triton's cache directory; Inductor sets it, only if unset, to
+    `<TORCHINDUCTOR_CACHE_DIR>/triton/<device>` when it builds a kernel's autotuner, and
+    Triton's own default is `~/.triton/cache`. So the directory vLLM's own Triton kernels
+    (`warmup_kernels`: sampler, input preparation) compile into depends on what ran first
+    in the process. Seen on the H200 (docs/performance.md): a fresh worker that loaded a
+    model compiled by an earlier process paid those kernels again (15.8 s), though that
+    process had compiled them; a third process found them. Fixed here to Triton's own
+    default, so every process looks in one place; a per-attach TRITON_CACHE_DIR still
+    overrides it for that attach.
+    """
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return {}
+    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+    return {"TRITON_CACHE_DIR": os.path.join(home, ".triton", "cache")}
 
 
 def engine_env_defaults() -> dict[str, str]:

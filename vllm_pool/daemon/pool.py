@@ -137,11 +137,14 @@ class Pool:
 
     # ---- start and stop -------------------------------------------------------------
     def _spawn_env(self, slot: int, device: str) -> dict[str, str]:
+        env = compat.worker_cache_env()
         if device.startswith("cpu:"):
-            return compat.cpu_worker_spawn_env(int(device.split(":")[1]))
-        # See all pool GPUs (P2P checks and custom all-reduce need the peers), make a
-        # context on one.
-        return {"CUDA_VISIBLE_DEVICES": self.cfg.visible_devices or ""}
+            env.update(compat.cpu_worker_spawn_env(int(device.split(":")[1])))
+        else:
+            # See all pool GPUs (P2P checks and custom all-reduce need the peers), make a
+            # context on one.
+            env["CUDA_VISIBLE_DEVICES"] = self.cfg.visible_devices or ""
+        return env
 
     def _spawn(self, w: WorkerHandle) -> None:
         """Start (or restart) a worker; a new process runs the kernel warm-up before it
