@@ -4,6 +4,7 @@ engines attached on demand, real HTTP (and the `openai` client) through the gate
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -96,6 +97,58 @@ def gateway(logs, model_a, model_b, tmp_path_factory):
 def _serve(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vllm_pool", "serve", *args],
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _standalone(pool: helpers.Daemon, models: str, port: int, log: str) -> subprocess.Popen:
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "vllm_pool", "gateway", "--pool",
+                                 pool.url, "--models", models, "--gateway-port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_standalone_gateway_restart_keeps_instances(idle_pool, model_a, reference, logs,
+                                                    tmp_path):
+    """`vllm-pool gateway` in a process of its own, in front of a running pool: killed, it
+    leaves its instance serving and no process behind; started again, it finds that
+    instance and routes to it: no second attach, same instance, same greedy tokens."""
+    pool = idle_pool
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - name: sa\n    model: {model_a}\n"
+                      f"    args: [{', '.join(helpers.ENGINE_ARGS)}]\n")
+    port = helpers.free_port()
+    url = f"http://127.0.0.1:{port}"
+    first = _standalone(pool, str(models), port, os.path.join(logs, "standalone-gw-1.log"))
+    try:
+        helpers.wait_http(url + "/health", 60, first)
+        assert helpers.greedy(url, "sa") == reference(model_a, 1)
+        (inst,) = [i for i in pool.instances() if i["name"] == "sa"]
+        assert helpers.process_tree(first.pid) == {}  # it owns no process
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert httpx.get(inst["url"] + "/health", timeout=5).status_code == 200
+    second = _standalone(pool, str(models), port, os.path.join(logs, "standalone-gw-2.log"))
+    try:
+        helpers.wait_http(url + "/health", 60, second)
+        gw = Gateway(pool, port)
+        try:
+            card = gw.client.get("/v1/models/sa").json()
+            assert (card["state"], card["instance"]) == ("serving", inst["id"]), card
+            assert helpers.greedy(url, "sa") == reference(model_a, 1)
+            assert gw.metric("vllm_pool_gateway_attaches_total", model="sa", outcome="ok") == 0
+        finally:
+            gw.client.close()
+        now = [i for i in pool.instances() if i["name"] == "sa"]
+        assert [(i["id"], i["engine_pid"]) for i in now] == [(inst["id"], inst["engine_pid"])]
+    finally:
+        assert helpers.stop(second, 30) == 0
+    assert [i["state"] for i in pool.instances() if i["name"] == "sa"] == ["serving"]
+    # A gateway whose pool does not answer refuses to start, with the reason.
+    r = subprocess.run([sys.executable, "-m", "vllm_pool", "gateway", "--pool",
+                        f"http://127.0.0.1:{helpers.free_port()}", "--models", str(models),
+                        "--gateway-port", str(helpers.free_port())],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "cannot be used" in r.stderr, r.stderr[-500:]
 
 
 def test_bad_models_file_refuses_start(tmp_path, model_a):

@@ -369,7 +369,7 @@ def test_gateway_plain_asgi_path_key_forwarding_and_errors():
 
     class Router:
         models: dict = {}
-        pool = types.SimpleNamespace(stopping=False)
+        pool = types.SimpleNamespace(down_reason=None)
 
         async def start(self):
             pass

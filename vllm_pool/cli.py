@@ -1,4 +1,5 @@
-"""`vllm-pool serve|attach|detach|ls` (also reached as `vllm serve-pool|attach|detach|pool ls`).
+"""`vllm-pool serve|attach|detach|ls|gateway` (also reached as `vllm serve-pool|attach|detach`,
+`vllm pool ls|gateway`).
 
 attach/detach/ls are thin HTTP clients on the standard library: they import neither torch
 nor vLLM, so they answer in milliseconds.
@@ -18,15 +19,19 @@ DEFAULT_POOL = os.environ.get("VLLM_POOL_URL", "http://127.0.0.1:8100")
 
 
 class PoolError(Exception):
-    pass
+    """A control call failed; `status` is the HTTP status, None if the pool was not reached."""
+
+    def __init__(self, msg: str, status: int | None = None):
+        super().__init__(msg)
+        self.status = status
 
 
 def request(pool: str, method: str, path: str, body: dict | None = None,
-            timeout: float = 3600.0):
+            timeout: float = 3600.0, key: str | None = None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(pool.rstrip("/") + path, data=data, method=method)
     req.add_header("content-type", "application/json")
-    key = os.environ.get("VLLM_POOL_API_KEY")
+    key = key or os.environ.get("VLLM_POOL_API_KEY")
     if key:
         req.add_header("authorization", f"Bearer {key}")
     try:
@@ -37,7 +42,7 @@ def request(pool: str, method: str, path: str, body: dict | None = None,
             detail = json.loads(e.read()).get("detail", e.reason)
         except Exception:
             detail = e.reason
-        raise PoolError(f"HTTP {e.code}: {detail}") from None
+        raise PoolError(f"HTTP {e.code}: {detail}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise PoolError(f"cannot reach the pool at {pool}: {e}") from None
 
@@ -74,6 +79,16 @@ def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
                         "(pool started with --enable-parking)")
     d.add_argument("--no-park", dest="park", action="store_false",
                    help="detach for real even if the pool parks by default")
+    gw = sub.add_parser("gateway", help="the gateway in a process of its own, in front of a "
+                                        "running pool: it can be restarted while the models "
+                                        "it attached keep serving")
+    _pool_arg(gw)
+    from vllm_pool.daemon.server import add_gateway_args
+
+    add_gateway_args(gw, models_required=True)
+    gw.add_argument("--api-key", default=None,
+                    help="key the gateway requires of its clients (or $VLLM_POOL_API_KEY, "
+                         "which is also sent to the pool); mandatory off loopback")
     ls = sub.add_parser("ls", help="list workers and instances")
     _pool_arg(ls)
     ls.add_argument("--json", action="store_true")
@@ -170,6 +185,10 @@ def main(argv: list[str] | None = None, prog: str = "vllm-pool") -> int:
         from vllm_pool.daemon.server import serve
 
         return serve(args)
+    if args.cmd == "gateway":
+        from vllm_pool.gateway.standalone import run
+
+        return run(args)
     if args.cmd == "attach":
         return cmd_attach(args, extra)
     if args.cmd == "detach":

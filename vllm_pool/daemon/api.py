@@ -74,6 +74,7 @@ class Health(BaseModel):
     idle: int
     instances: int
     engine_spares_ready: int
+    parking: bool = Field(False, description="started with --enable-parking")
 
 
 def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
@@ -170,7 +171,7 @@ def build_app(pool: Pool) -> FastAPI:
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
         spares = sum(e.alive() and e.ready() for e in list(pool.spares))
         return Health(status="ok", workers=len(ws), idle=idle, instances=len(pool.instances),
-                      engine_spares_ready=spares)
+                      engine_spares_ready=spares, parking=pool.cfg.parking)
 
     @app.get("/workers", response_model=list[WorkerInfo])
     def workers() -> list[WorkerInfo]:

@@ -95,10 +95,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="GPU: CUDA-context memory (loaded kernels, library handles) a "
                         "detached worker may keep above its idle baseline for the next "
                         "attach; only process exit frees it; more: the worker is respawned")
+    add_gateway_args(p, models_required=False)
+
+
+def add_gateway_args(p: argparse.ArgumentParser, models_required: bool) -> None:
+    """The gateway's flags: of `serve --models` and of `vllm-pool gateway`."""
     g = p.add_argument_group("gateway", "one OpenAI endpoint for the models of a models "
                              "file, attached on demand (docs/gateway.md)")
-    g.add_argument("--models", default=None, metavar="MODELS_YAML",
-                   help="models file; starts the gateway")
+    g.add_argument("--models", default=None, metavar="MODELS_YAML", required=models_required,
+                   help="models file" + ("" if models_required else "; starts the gateway"))
     g.add_argument("--gateway-host", default="127.0.0.1",
                    help="gateway address (loopback default; otherwise --api-key is required, "
                         "and the gateway checks `Authorization: Bearer <key>` as vLLM does)")
@@ -216,10 +221,11 @@ def serve(args: argparse.Namespace) -> int:
                 logger.info("pool ready: %d workers in %.1fs; control API at http://%s:%d",
                             len(devices), time.perf_counter() - t0, args.host, args.port)
                 if gateway_sock is not None:
+                    from vllm_pool.gateway.pool_view import LocalPool
                     from vllm_pool.gateway.server import Gateway
 
                     # After the workers are ready: the gateway's preloads attach at once.
-                    gateway = Gateway(pool, gateway_entries, gateway_sock, api_key,
+                    gateway = Gateway(LocalPool(pool), gateway_entries, gateway_sock, api_key,
                                       args.gateway_max_queue, args.gateway_queue_timeout)
                     gateway.start()
             except RuntimeError as e:

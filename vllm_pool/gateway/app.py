@@ -127,8 +127,9 @@ class GatewayApp:
 
         @app.get("/health")
         def health() -> Response:
-            if router.pool.stopping:
-                return error(503, "the pool is stopping", "ServiceUnavailableError")
+            down = router.pool.down_reason
+            if down:
+                return error(503, down, "ServiceUnavailableError")
             return JSONResponse({"status": "ok", "models": len(router.models)})
 
         @app.get("/metrics")

@@ -13,7 +13,8 @@ Rules:
   none waiting) is evicted; an instance with requests in flight never is;
 - an instance idle for its entry's `ttl` is evicted by the reaper;
 - the pool is the source of truth: an instance named like an entry is that entry's, so a
-  gateway that finds instances already running adopts them instead of attaching twice.
+  gateway that finds instances already running adopts them instead of attaching twice
+  (also a gateway started again in a process of its own: `pool_view.RemotePool`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from vllm_pool.daemon import allocator
-from vllm_pool.daemon.pool import AttachError, Instance, Pool
+from vllm_pool.daemon.pool import AttachError
 from vllm_pool.gateway.metrics import GatewayMetrics
 from vllm_pool.gateway.models_file import ModelEntry
 from vllm_pool.states import InstanceState
@@ -73,7 +74,7 @@ class Model:
 
     entry: ModelEntry
     state: ModelState = ModelState.COLD
-    instance: Instance | None = None
+    instance: Any = None  # the pool's Instance, or a pool_view.RemoteInstance
     in_flight: int = 0
     waiting: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -87,7 +88,7 @@ class Model:
 
 
 class Router:
-    def __init__(self, pool: Pool, entries: list[ModelEntry], metrics: GatewayMetrics,
+    def __init__(self, pool, entries: list[ModelEntry], metrics: GatewayMetrics,
                  max_queue: int = 1024, queue_timeout: float = 600.0,
                  attach_timeout: float = 900.0, reap_interval: float = 1.0):
         self.pool = pool
@@ -185,9 +186,7 @@ class Router:
         if m.state != ModelState.SERVING:
             return False
         inst = m.instance
-        # A dict read, not pool.find: no wait on the pool's lock per request.
-        if inst is not None and inst.state == InstanceState.SERVING \
-                and self.pool.instances.get(inst.id) is inst:
+        if inst is not None and self.pool.serving(inst):
             return True
         # Its engine died or someone detached it through the control API.
         logger.warning("instance of %s is gone (%s); attaching again on demand", m.name,
@@ -205,6 +204,7 @@ class Router:
         self._set_state(m, ModelState.ATTACHING)
         try:
             while True:
+                await asyncio.to_thread(self.pool.refresh)  # a remote pool's snapshot
                 if self._adopt_if_running(m):
                     return
                 existing = self.pool.find(m.name)
@@ -229,10 +229,8 @@ class Router:
                         await self._wait_change(1.0)
                     continue
                 try:
-                    inst = await asyncio.to_thread(
-                        self.pool.attach, m.entry.model, tp=m.entry.tp, name=m.name,
-                        devices=devices, args=m.entry.attach_args(),
-                        env=m.entry.env, timeout=self.attach_timeout)
+                    inst = await asyncio.to_thread(self.pool.attach, m.entry, devices,
+                                                   self.attach_timeout)
                 except AttachError as e:
                     if e.status == 409:
                         # Room taken meanwhile (or the name): look again.
@@ -255,7 +253,7 @@ class Router:
                 self._set_state(m, ModelState.COLD)
             self._notify()
 
-    async def _wake(self, m: Model, inst: Instance) -> bool:
+    async def _wake(self, m: Model, inst) -> bool:
         """Wake the model's parked instance. Serving models on its devices are evicted
         first by the gateway's own rule (never one with requests in flight or waiting);
         returns False to look again later."""
@@ -268,7 +266,7 @@ class Router:
         for v in occupants:
             await self._evict_model(v, "wake")
         try:
-            inst = await asyncio.to_thread(self.pool.wake, inst, self.attach_timeout)
+            inst = await asyncio.to_thread(self.pool.wake, inst, m.entry, self.attach_timeout)
         except AttachError as e:
             if e.status == 409:  # parked or woken elsewhere meanwhile
                 await self._wait_change(0.25)
@@ -291,7 +289,7 @@ class Router:
         inst = self.pool.find(m.name)
         if inst is None or inst.state != InstanceState.SERVING:
             return False
-        if m.instance is not inst:
+        if m.instance is None or m.instance.id != inst.id:
             logger.info("model %s: using the running instance %s", m.name, inst.id)
         m.instance = inst
         self._set_state(m, ModelState.SERVING)
@@ -301,21 +299,16 @@ class Router:
         """Free devices for the entry, or None while there is no room. An unpinned entry
         takes devices no entry is pinned to first, so it does not sit on a pinned
         model's device and starve it while it serves."""
-        workers = list(self.pool.workers.values())
-        states = self.pool.alloc_states()
-        ok = allocator.free_slots({w.slot: states.get(w.slot, w.state) for w in workers},
-                                  {w.slot: w.device for w in workers})
+        devices, ok = self.pool.workers()
         if e.devices:
-            free_devs = {w.device for w in workers if w.slot in ok}
+            free_devs = {devices[s] for s in ok}
             return list(e.devices) if all(d in free_devs for d in e.devices) else None
         pinned = {d for m in self.models.values() for d in (m.entry.devices or ())}
-        free, seen = [], set()
-        for w in sorted((w for w in workers if w.slot in ok),
-                        key=lambda w: (w.device in pinned, w.slot)):
-            if w.device not in seen:  # one rank per device
-                seen.add(w.device)
-                free.append(w)
-        return [w.device for w in free[:e.tp]] if len(free) >= e.tp else None
+        free: list[str] = []
+        for s in sorted(ok, key=lambda s: (devices[s] in pinned, s)):
+            if devices[s] not in free:  # one rank per device
+                free.append(devices[s])
+        return free[:e.tp] if len(free) >= e.tp else None
 
     def _pick_victim(self, m: Model) -> Model | None:
         """The least recently used serving model with nothing in flight or waiting, whose
@@ -331,12 +324,12 @@ class Router:
         return min(idle, key=lambda v: v.last_used, default=None)
 
     # ---- eviction ------------------------------------------------------------------------
-    def evict(self, instance: Instance) -> None:
+    def evict(self, instance) -> None:
         """Free an instance's devices: park it when the pool parks (the next request wakes
         it), else detach it."""
-        self._detach_quietly(instance, park=self.pool.cfg.parking)
+        self._detach_quietly(instance, park=self.pool.parking)
 
-    def _detach_quietly(self, instance: Instance, park: bool = False) -> None:
+    def _detach_quietly(self, instance, park: bool = False) -> None:
         try:
             self.pool.detach(instance.id, park=park)
         except KeyError:
@@ -365,6 +358,7 @@ class Router:
     async def _reaper(self) -> None:
         while True:
             await asyncio.sleep(self.reap_interval)
+            await asyncio.to_thread(self.pool.refresh)  # a remote pool's snapshot
             now = time.monotonic()
             for m in list(self.models.values()):
                 ttl = m.entry.idle_ttl

@@ -1,5 +1,5 @@
-"""Run the gateway next to the control API: its own uvicorn server, port and event loop,
-in a thread of the daemon process."""
+"""Run the gateway: its own uvicorn server, port and event loop, in a thread of the daemon
+process (`serve --models`) or of its own process (`vllm-pool gateway`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import socket
 import threading
 
-from vllm_pool.daemon.pool import Pool
 from vllm_pool.gateway.models_file import ModelEntry
 
 logger = logging.getLogger("vllm_pool.gateway")
@@ -30,7 +29,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 class Gateway:
-    def __init__(self, pool: Pool, entries: list[ModelEntry], sock: socket.socket,
+    """The gateway's server on its own thread and event loop. `pool` is a pool_view:
+    LocalPool in the daemon (`serve --models`), RemotePool in `vllm-pool gateway`."""
+
+    def __init__(self, pool, entries: list[ModelEntry], sock: socket.socket,
                  api_key: str | None, max_queue: int, queue_timeout: float):
         import uvicorn
 

@@ -1,0 +1,186 @@
+"""The pool as the gateway's router sees it: in the daemon's own process, or through the
+pool's control API.
+
+The router needs a few things from the pool: the instance of a name, whether an instance
+it routes to still serves, attach, wake and detach, which workers are free, and whether
+the pool parks. `LocalPool` answers from the daemon's objects (the gateway of `serve
+--models`). `RemotePool` answers over HTTP (`vllm-pool gateway --pool URL`), a process of its
+own that owns no instance: it can be stopped and started again while the models it
+attached keep serving, and the next one adopts them by name. Its view of the pool is a
+snapshot, refreshed every second by the router and after each change it makes, so that
+routing a request never waits on a call to the pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from vllm_pool.daemon import allocator
+from vllm_pool.daemon.pool import AttachError, Pool
+from vllm_pool.gateway.models_file import ModelEntry
+from vllm_pool.states import InstanceState, WorkerState
+
+
+def attach_body(entry: ModelEntry, devices: list[str] | None, timeout: float) -> dict:
+    """The attach an entry stands for; the same one wakes it when it is parked (the
+    pool matches parked instances on these settings)."""
+    return {"model": entry.model, "tp": entry.tp, "name": entry.name, "devices": devices,
+            "args": entry.attach_args(), "env": dict(entry.env), "timeout_s": timeout}
+
+
+class LocalPool:
+    """The daemon's Pool, called directly (the gateway runs in the daemon)."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    @property
+    def parking(self) -> bool:
+        return self.pool.cfg.parking
+
+    @property
+    def down_reason(self) -> str | None:
+        return "the pool is stopping" if self.pool.stopping else None
+
+    def refresh(self) -> None:
+        pass  # always current
+
+    def find(self, name: str):
+        return self.pool.find(name)
+
+    def serving(self, inst) -> bool:
+        # A dict read, not pool.find: no wait on the pool's lock per request.
+        return inst.state == InstanceState.SERVING and self.pool.instances.get(inst.id) is inst
+
+    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
+        b = attach_body(entry, devices, timeout)
+        return self.pool.attach(b["model"], tp=b["tp"], name=b["name"], devices=devices,
+                                args=b["args"], env=b["env"], timeout=timeout)
+
+    def wake(self, inst, entry: ModelEntry, timeout: float):
+        return self.pool.wake(inst, timeout)
+
+    def detach(self, instance_id: str, park: bool) -> None:
+        self.pool.detach(instance_id, park=park)
+
+    def workers(self) -> tuple[dict[int, str], set[int]]:
+        """Every worker's device by slot, and the slots an attach may take now."""
+        ws = list(self.pool.workers.values())
+        states = self.pool.alloc_states()
+        devices = {w.slot: w.device for w in ws}
+        return devices, allocator.free_slots({w.slot: states.get(w.slot, w.state) for w in ws},
+                                             devices)
+
+
+@dataclass
+class RemoteInstance:
+    """What the control API says of an instance (its InstanceInfo), as the router uses it."""
+    id: str
+    name: str
+    state: InstanceState
+    url: str
+    devices: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, info: dict) -> RemoteInstance:
+        return cls(id=info["id"], name=info["name"], state=InstanceState(info["state"]),
+                   url=info["url"], devices=list(info.get("devices") or []),
+                   phases=dict(info.get("phases") or {}))
+
+
+class RemotePool:
+    """A pool daemon reached through its control API (`vllm-pool gateway --pool URL`)."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
+        self.url = url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.reachable = False
+        self.parking = False
+        self._lock = threading.Lock()
+        self._instances: dict[str, RemoteInstance] = {}
+        self._devices: dict[int, str] = {}
+        self._states: dict[int, WorkerState] = {}
+        self.last_error: str | None = None
+
+    @property
+    def down_reason(self) -> str | None:
+        # A stopping pool answers 503, so the last refresh failed too.
+        return None if self.reachable else f"the pool does not answer: {self.last_error}"
+
+    def _call(self, method: str, path: str, body: dict | None = None,
+              timeout: float | None = None):
+        from vllm_pool.cli import PoolError, request
+
+        try:
+            return request(self.url, method, path, body, timeout or self.timeout,
+                           key=self.api_key)
+        except PoolError as e:
+            raise AttachError(str(e), e.status or 503) from None
+
+    def start(self) -> None:
+        """The first snapshot and the pool's settings; raises AttachError if the pool
+        cannot be reached (the gateway then does not start)."""
+        self.parking = bool(self._call("GET", "/health").get("parking", False))
+        self.refresh()
+        if not self.reachable:
+            raise AttachError(f"cannot read the pool's state at {self.url}: "
+                              f"{self.last_error}", 503)
+
+    def refresh(self) -> None:
+        try:
+            insts = self._call("GET", "/instances")
+            workers = self._call("GET", "/workers")
+        except AttachError as e:
+            self.reachable, self.last_error = False, str(e)
+            return
+        with self._lock:
+            self._instances = {i["id"]: RemoteInstance.of(i) for i in insts}
+            self._devices = {w["slot"]: w["device"] for w in workers}
+            # As the pool's allocator sees them: a warming worker is not free yet.
+            self._states = {w["slot"]: WorkerState.STARTING if w["state"] == "warming"
+                            else WorkerState(w["state"]) for w in workers}
+        self.reachable, self.last_error = True, None
+
+    def _put(self, info: dict) -> RemoteInstance:
+        inst = RemoteInstance.of(info)
+        with self._lock:
+            self._instances[inst.id] = inst
+        return inst
+
+    def find(self, name: str) -> RemoteInstance | None:
+        with self._lock:
+            return next((i for i in self._instances.values() if i.name == name), None)
+
+    def serving(self, inst: RemoteInstance) -> bool:
+        cur = self._instances.get(inst.id)
+        return cur is not None and cur.state == InstanceState.SERVING
+
+    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
+        info = self._call("POST", "/instances", attach_body(entry, devices, timeout),
+                          timeout=timeout + 60)
+        inst = self._put(info)
+        self.refresh()  # the workers it took
+        return inst
+
+    def wake(self, inst: RemoteInstance, entry: ModelEntry, timeout: float):
+        # The same attach on the devices it was parked on: the pool wakes it.
+        return self.attach(entry, inst.devices, timeout)
+
+    def detach(self, instance_id: str, park: bool) -> None:
+        try:
+            self._call("DELETE", f"/instances/{instance_id}?park={str(park).lower()}",
+                       timeout=600)
+        except AttachError as e:
+            if e.status == 404:
+                raise KeyError(instance_id) from None
+            raise
+        finally:
+            self.refresh()
+
+    def workers(self) -> tuple[dict[int, str], set[int]]:
+        with self._lock:
+            devices, states = dict(self._devices), dict(self._states)
+        return devices, allocator.free_slots(states, devices)
