@@ -146,7 +146,7 @@ def test_standalone_gateway_restart_keeps_instances(idle_pool, model_a, referenc
     # A gateway whose pool does not answer refuses to start, with the reason.
     r = subprocess.run([sys.executable, "-m", "vllm_pool", "gateway", "--pool",
                         f"http://127.0.0.1:{helpers.free_port()}", "--models", str(models),
-                        "--gateway-port", str(helpers.free_port())],
+                        "--gateway-port", str(helpers.free_port()), "--pool-wait", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "cannot be used" in r.stderr, r.stderr[-500:]
 

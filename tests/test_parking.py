@@ -80,6 +80,15 @@ def test_park_frees_the_device_and_reattach_wakes_the_same_instance(
     r = d.attach(model_a, args=[*helpers.ENGINE_ARGS, "--max-num-seqs", "4"])
     assert r.status_code == 409, r.text
 
+    # The wake call (what `vllm-pool gateway` uses) wakes b as it is, by name; a serving
+    # instance is not parked, so waking it again is refused.
+    r = d.client.post("/instances/b/wake")
+    assert r.status_code == 200 and r.json()["id"] == b["id"], r.text
+    assert helpers.greedy(b["url"], model_b) == reference(model_b)
+    assert {i["name"]: i["state"] for i in d.instances()} == {"a": "parked", "b": "serving"}
+    assert d.client.post("/instances/b/wake").status_code == 409
+    assert d.client.post("/instances/nope/wake").status_code == 404
+
     # Detach for real: every worker beyond one per device is stopped again.
     assert d.detach("a").status_code == 200
     assert d.detach("b").status_code == 200

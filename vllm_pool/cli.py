@@ -86,6 +86,8 @@ def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
     from vllm_pool.daemon.server import add_gateway_args
 
     add_gateway_args(gw, models_required=True)
+    gw.add_argument("--pool-wait", type=float, default=300.0,
+                    help="seconds to wait for the pool to be ready at start")
     gw.add_argument("--api-key", default=None,
                     help="key the gateway requires of its clients (or $VLLM_POOL_API_KEY, "
                          "which is also sent to the pool); mandatory off loopback")

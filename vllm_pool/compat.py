@@ -485,7 +485,9 @@ def worker_cache_env() -> dict[str, str]:
     model compiled by an earlier process paid those kernels again (15.8 s), though that
     process had compiled them; a third process found them. Fixed here to Triton's own
     default, so every process looks in one place; a per-attach TRITON_CACHE_DIR still
-    overrides it for that attach.
+    overrides it for that attach. (0.32 points Inductor's cache into each model's compile
+    directory, so plain vLLM 0.32 may keep Triton kernels there; pool workers keep them in
+    that one place instead: the same kernels, found by every process.)
     """
     if os.environ.get("TRITON_CACHE_DIR"):
         return {}

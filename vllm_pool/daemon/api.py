@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
@@ -203,6 +203,20 @@ def build_app(pool: Pool) -> FastAPI:
         inst = pool.find(ref)
         if inst is None:
             raise HTTPException(404, f"no instance {ref!r}")
+        return instance_info(pool, inst)
+
+    @app.post("/instances/{ref}/wake", response_model=InstanceInfo,
+              responses={404: {"description": "no such instance"},
+                         409: {"description": "the instance is not parked"}})
+    async def wake(ref: str, timeout_s: float = Query(900.0, gt=0, le=7200)) -> InstanceInfo:
+        """Wake a parked instance as it is (an attach with its settings does the same)."""
+        inst = pool.find(ref)
+        if inst is None:
+            raise HTTPException(404, f"no instance {ref!r}")
+        try:
+            inst = await run_in_threadpool(pool.wake, inst, timeout_s)
+        except AttachError as e:
+            raise HTTPException(e.status, str(e)) from None
         return instance_info(pool, inst)
 
     @app.delete("/instances/{ref}", response_model=InstanceInfo,

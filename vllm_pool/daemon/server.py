@@ -138,17 +138,6 @@ def serve(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not api_key:
         raise SystemExit(f"--host {args.host} is not loopback: an API key is required "
                          f"(--api-key or ${API_KEY_ENV})")
-    gateway_entries = None
-    if args.models:
-        if not _is_loopback(args.gateway_host) and not api_key:
-            raise SystemExit(f"--gateway-host {args.gateway_host} is not loopback: an API key "
-                             f"is required (--api-key or ${API_KEY_ENV})")
-        from vllm_pool.gateway import models_file
-
-        try:
-            gateway_entries = models_file.load(args.models)
-        except models_file.ModelsFileError as e:
-            raise SystemExit(f"models file refused: {e}") from None
     import uvicorn
 
     from vllm_pool.daemon.api import build_app
@@ -163,16 +152,11 @@ def serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"--cpu-slots must be 1..{os.cpu_count()}")
         devices = [f"cpu:{i}" for i in range(args.cpu_slots)]
         visible = None
-    gateway_sock = None
-    if gateway_entries is not None:
-        from vllm_pool.daemon.pool import _check_args
-        from vllm_pool.gateway import models_file
-        from vllm_pool.gateway.server import bind
+    gateway_entries = gateway_sock = None
+    if args.models:
+        from vllm_pool.gateway.server import bind, checked_entries
 
-        try:
-            models_file.check_against_pool(gateway_entries, devices, args.models, _check_args)
-        except models_file.ModelsFileError as e:
-            raise SystemExit(f"models file refused: {e}") from None
+        gateway_entries = checked_entries(args, api_key, devices)
         gateway_sock = bind(args.gateway_host, args.gateway_port)
     from vllm_pool.daemon import state_file
 

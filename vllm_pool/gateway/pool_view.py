@@ -14,6 +14,7 @@ routing a request never waits on a call to the pool.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from vllm_pool.daemon import allocator
@@ -120,10 +121,19 @@ class RemotePool:
         except PoolError as e:
             raise AttachError(str(e), e.status or 503) from None
 
-    def start(self) -> None:
-        """The first snapshot and the pool's settings; raises AttachError if the pool
-        cannot be reached (the gateway then does not start)."""
-        self.parking = bool(self._call("GET", "/health").get("parking", False))
+    def start(self, wait: float) -> None:
+        """The pool's settings and a first snapshot, once it is ready (its /health answers
+        200 within `wait` seconds: it may be starting too); AttachError otherwise, and the
+        gateway does not start."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.parking = bool(self._call("GET", "/health").get("parking", False))
+                break
+            except AttachError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
         self.refresh()
         if not self.reachable:
             raise AttachError(f"cannot read the pool's state at {self.url}: "
@@ -166,8 +176,11 @@ class RemotePool:
         return inst
 
     def wake(self, inst: RemoteInstance, entry: ModelEntry, timeout: float):
-        # The same attach on the devices it was parked on: the pool wakes it.
-        return self.attach(entry, inst.devices, timeout)
+        info = self._call("POST", f"/instances/{inst.id}/wake?timeout_s={timeout}",
+                          timeout=timeout + 60)
+        woken = self._put(info)
+        self.refresh()
+        return woken
 
     def detach(self, instance_id: str, park: bool) -> None:
         try:

@@ -13,6 +13,25 @@ from vllm_pool.gateway.models_file import ModelEntry
 logger = logging.getLogger("vllm_pool.gateway")
 
 
+def checked_entries(args, api_key: str | None, devices: list[str]) -> list[ModelEntry]:
+    """The models file of `serve --models` or `vllm-pool gateway`, checked whole against
+    the pool's devices before the gateway starts; otherwise SystemExit naming the entry and
+    field. Off loopback the gateway needs a key."""
+    from vllm_pool.daemon.pool import _check_args
+    from vllm_pool.daemon.server import API_KEY_ENV, _is_loopback
+    from vllm_pool.gateway import models_file
+
+    if not _is_loopback(args.gateway_host) and not api_key:
+        raise SystemExit(f"--gateway-host {args.gateway_host} is not loopback: an API key is "
+                         f"required (--api-key or ${API_KEY_ENV})")
+    try:
+        entries = models_file.load(args.models)
+        models_file.check_against_pool(entries, devices, args.models, _check_args)
+    except models_file.ModelsFileError as e:
+        raise SystemExit(f"models file refused: {e}") from None
+    return entries
+
+
 def bind(host: str, port: int) -> socket.socket:
     """Bind the gateway's port at start, so a taken port stops the daemon at once with
     the reason rather than leaving a daemon without its gateway."""

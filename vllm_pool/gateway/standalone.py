@@ -22,31 +22,20 @@ def run(args: argparse.Namespace) -> int:
     from vllm_pool.logs import configure_logging
 
     configure_logging("PoolGateway")
-    from vllm_pool.daemon.pool import AttachError, _check_args
-    from vllm_pool.daemon.server import API_KEY_ENV, _is_loopback
-    from vllm_pool.gateway import models_file
+    from vllm_pool.daemon.pool import AttachError
+    from vllm_pool.daemon.server import API_KEY_ENV
     from vllm_pool.gateway.pool_view import RemotePool
-    from vllm_pool.gateway.server import Gateway, bind
+    from vllm_pool.gateway.server import Gateway, bind, checked_entries
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV)
-    if not _is_loopback(args.gateway_host) and not api_key:
-        raise SystemExit(f"--gateway-host {args.gateway_host} is not loopback: an API key is "
-                         f"required (--api-key or ${API_KEY_ENV})")
-    try:
-        entries = models_file.load(args.models)
-    except models_file.ModelsFileError as e:
-        raise SystemExit(f"models file refused: {e}") from None
     pool = RemotePool(args.pool, os.environ.get(API_KEY_ENV))
     try:
-        pool.start()
+        pool.start(args.pool_wait)
     except AttachError as e:
         raise SystemExit(f"gateway: the pool at {args.pool} cannot be used: {e}") from None
     by_slot, _ = pool.workers()
-    devices = list(dict.fromkeys(by_slot[s] for s in sorted(by_slot)))
-    try:
-        models_file.check_against_pool(entries, devices, args.models, _check_args)
-    except models_file.ModelsFileError as e:
-        raise SystemExit(f"models file refused: {e}") from None
+    entries = checked_entries(args, api_key,
+                              list(dict.fromkeys(by_slot[s] for s in sorted(by_slot))))
     sock = bind(args.gateway_host, args.gateway_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
