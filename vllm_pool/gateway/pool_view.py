@@ -24,8 +24,7 @@ from vllm_pool.states import InstanceState, WorkerState
 
 
 def attach_body(entry: ModelEntry, devices: list[str] | None, timeout: float) -> dict:
-    """The attach an entry stands for; the same one wakes it when it is parked (the
-    pool matches parked instances on these settings)."""
+    """The attach an entry stands for, as the control API takes it (POST /instances)."""
     return {"model": entry.model, "tp": entry.tp, "name": entry.name, "devices": devices,
             "args": entry.attach_args(), "env": dict(entry.env), "timeout_s": timeout}
 
@@ -56,8 +55,8 @@ class LocalPool:
 
     def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
         b = attach_body(entry, devices, timeout)
-        return self.pool.attach(b["model"], tp=b["tp"], name=b["name"], devices=devices,
-                                args=b["args"], env=b["env"], timeout=timeout)
+        b["timeout"] = b.pop("timeout_s")
+        return self.pool.attach(**b)
 
     def wake(self, inst, entry: ModelEntry, timeout: float):
         return self.pool.wake(inst, timeout)
