@@ -30,7 +30,7 @@ def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, referen
     inst = _ok(pool.attach(model_a, name="a1", devices=["cpu:0"]))
     assert inst["state"] == "serving" and inst["workers"] == [0]
     assert PHASES <= set(inst["phases"]), inst["phases"]
-    assert inst["engine_host"] == "spare"  # a pre-warmed engine host took the attach
+    assert inst["engine_host"] == "forked"  # forked from the warm engine fork server
     assert pool.client.get("/instances/a1").json()["id"] == inst["id"]
     url = inst["url"]
 

@@ -16,7 +16,7 @@ from tests import helpers
 def test_sigterm_stops_everything_and_cleans_up(logs, model_a):
     shm_before = set(os.listdir("/dev/shm"))
     # No spare engine hosts here: this also covers an attach that starts a fresh engine.
-    d = helpers.Daemon(1, os.path.join(logs, "sigterm-pool"), ["--engine-spares", "0"])
+    d = helpers.Daemon(1, os.path.join(logs, "sigterm-pool"), ["--engine-hosts", "fresh"])
     try:
         d.wait_ready()
         r = d.attach(model_a, name="x")
@@ -91,7 +91,7 @@ def test_daemon_crash_then_restart_reclaims_what_it_left(logs, model_a, tmp_path
     as if hung in a device call) survives, and the next daemon with the same state file
     kills it, removes the instance's shared memory and run directory, and serves."""
     state = str(tmp_path / "pool.state.json")
-    args = ["--state-file", state, "--engine-spares", "0"]
+    args = ["--state-file", state, "--engine-hosts", "fresh"]
     d = helpers.Daemon(1, os.path.join(logs, "crash-pool"), args)
     d2 = None
     wpid = None

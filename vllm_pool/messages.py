@@ -1,6 +1,8 @@
 """Typed messages that cross a process boundary.
 
-Two channels exist:
+Three channels exist:
+- daemon <-> engine fork server: msgspec JSON datagrams on a Unix SOCK_SEQPACKET pair; a fork
+  request carries the new host's order pipe and log file as passed descriptors.
 - daemon <-> pool worker: a pair of pipes carrying msgspec JSON lines (control commands one
   way, events the other). JSON keeps the daemon free of pickled vLLM objects.
 - engine executor <-> pool worker: an authenticated `multiprocessing.connection` on a Unix
@@ -75,6 +77,41 @@ def decode_command(line: bytes) -> Command:
 
 def decode_event(line: bytes) -> Event:
     return _evt_dec.decode(line)
+
+
+# ---- daemon <-> engine fork server (JSON datagrams, descriptors passed alongside) -----
+class ServerReady(msgspec.Struct, tag=True):
+    """The fork server has imported what a host needs."""
+    pid: int
+
+
+class Fork(msgspec.Struct, tag=True):
+    """Fork one engine host; the datagram carries its order pipe and its log file."""
+    seq: int
+
+
+class Forked(msgspec.Struct, tag=True):
+    seq: int
+    pid: int
+
+
+class HostExited(msgspec.Struct, tag=True):
+    """A forked host ended (the fork server is its parent and reaps it)."""
+    pid: int
+    returncode: int
+
+
+ForkServerReply = ServerReady | Forked | HostExited
+_fork_dec = msgspec.json.Decoder(Fork)
+_fork_reply_dec = msgspec.json.Decoder(ForkServerReply)
+
+
+def decode_fork(data: bytes) -> Fork:
+    return _fork_dec.decode(data)
+
+
+def decode_fork_reply(data: bytes) -> ForkServerReply:
+    return _fork_reply_dec.decode(data)
 
 
 # Environment variables the daemon sets for an attached engine.

@@ -73,7 +73,8 @@ class Health(BaseModel):
     workers: int
     idle: int
     instances: int
-    engine_spares_ready: int
+    engine_hosts_ready: bool = Field(description="an attach gets a forked engine host at once "
+                                     "(the pool's engine fork server is warm)")
     parking: bool = Field(False, description="started with --enable-parking")
 
 
@@ -169,9 +170,8 @@ def build_app(pool: Pool) -> FastAPI:
                  for w in ws if not w.extra)
         if pool.stopping or not ok:
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
-        spares = sum(e.alive() and e.ready() for e in list(pool.spares))
         return Health(status="ok", workers=len(ws), idle=idle, instances=len(pool.instances),
-                      engine_spares_ready=spares, parking=pool.cfg.parking)
+                      engine_hosts_ready=pool.engines.ready(), parking=pool.cfg.parking)
 
     @app.get("/workers", response_model=list[WorkerInfo])
     def workers() -> list[WorkerInfo]:

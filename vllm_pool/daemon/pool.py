@@ -25,17 +25,12 @@ import msgspec
 
 from vllm_pool import compat, messages
 from vllm_pool.daemon import allocator, kernel_warmup, parking, state_file
+from vllm_pool.daemon.engines import EngineHosts
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.engine.launch import EngineProcess, engine_argv, failure_reason, health_ok
 from vllm_pool.states import ATTACH_PHASES, LIVE_INSTANCE_STATES, InstanceState, WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
-
-# Environment an engine reads at import time: attaches that set it get a fresh process.
-_IMPORT_TIME_ENV = ("VLLM_LOGGING", "VLLM_CONFIGURE_LOGGING", "VLLM_PLUGINS", "CUDA_",
-                    "PYTHON", "LD_", "OMP_", "TORCH", "TRITON", "VLLM_USE_V1", "VLLM_TARGET")
-# ...except cache locations, which torch and Triton read each time they use the cache.
-_LAZY_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 class AttachError(Exception):
@@ -56,7 +51,7 @@ class PoolConfig:
     memory_slack_mib: int = 256
     context_memory_mib: int = 1024
     worker_start_timeout: float = 300.0
-    engine_spares: int = 1                  # pre-warmed engine hosts kept ready
+    engine_fork: bool = True                # engine hosts forked from a warm server
     state_path: str | None = None           # state file for reclaim after a crash
     control_port: int = 0
     parking: bool = False                   # engines start able to sleep; detach may park
@@ -87,7 +82,7 @@ class Instance:
     phases: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     engine: EngineProcess | None = None
-    engine_host: str = ""                   # "spare" (pre-warmed) or "fresh"
+    engine_host: str = ""                   # "forked" (from the warm server) or "fresh"
     shm_names: set[str] = field(default_factory=set)
     dist_idents: set[str] = field(default_factory=set)
     settings: str = ""                      # parking.settings_key: what a re-attach must match
@@ -108,7 +103,7 @@ class Pool:
         self.lock = threading.RLock()
         self.authkey = secrets.token_hex(32)
         self.instances: dict[str, Instance] = {}
-        self.spares: list[EngineProcess] = []
+        self.engines = EngineHosts(self._engine_base_env, cfg.log_dir, cfg.engine_fork)
         self.stopping = False
         # Slots whose process has not yet run its kernel warm-up attach: not free, and
         # shown as WARMING once the process itself is up.
@@ -169,9 +164,9 @@ class Pool:
                 for s, w in list(self.workers.items())}  # callers off the lock too (gateway)
 
     def start(self) -> None:
+        self.engines.start()
         for w in self.workers.values():
             self._spawn(w)
-        self._replenish_spares()
         if self.cfg.state_path:
             self._writer = threading.Thread(target=self._persist_loop, daemon=True,
                                             name="PoolStateWriter")
@@ -189,8 +184,8 @@ class Pool:
         with self.lock:
             for w in self.workers.values():
                 add(w.pid, f"worker-{w.slot}")
-            for e in self.spares:
-                add(e.pid, "spare")
+            for pid in self.engines.pids():
+                add(pid, "engine-forkserver")
             insts = []
             for i in self.instances.values():
                 if i.engine is not None:
@@ -227,26 +222,6 @@ class Pool:
             env["CUDA_VISIBLE_DEVICES"] = self.cfg.visible_devices
         return env
 
-    def _replenish_spares(self) -> None:
-        with self.lock:
-            self.spares = [e for e in self.spares if e.alive()]
-            while not self.stopping and len(self.spares) < self.cfg.engine_spares:
-                log = os.path.join(self.cfg.log_dir, f"engine-spare-{uuid.uuid4().hex[:8]}.log")
-                self.spares.append(EngineProcess(self._engine_base_env(), log))
-
-    def _take_spare(self, inst: Instance) -> EngineProcess | None:
-        """A pre-warmed host, unless this attach sets environment that vLLM reads at
-        import time (logging, plugins, devices): such an engine needs a fresh process."""
-        if any(k.startswith(_IMPORT_TIME_ENV) and k not in _LAZY_ENV for k in inst.env):
-            return None
-        with self.lock:
-            live = [e for e in self.spares if e.alive()]
-            # Ready ones first; one still importing is still ahead of a fresh process.
-            live.sort(key=lambda e: not e.ready())
-            spare = live[0] if live else None
-            self.spares = [e for e in live if e is not spare]
-        return spare
-
     def wait_ready(self, timeout: float | None = None) -> None:
         """Until every worker is idle: started, and its kernel warm-up done."""
         deadline = time.monotonic() + (timeout or self.cfg.worker_start_timeout)
@@ -266,10 +241,7 @@ class Pool:
             instances = list(self.instances.values())
         for inst in instances:
             self._stop_engine(inst)
-        with self.lock:
-            spares, self.spares = self.spares, []
-        for e in spares:
-            e.stop(timeout=5)
+        self.engines.stop()
         for w in self.workers.values():
             w.stop()
         for inst in instances:
@@ -390,9 +362,6 @@ class Pool:
         except BaseException as e:
             self._abort_attach(inst, f"{type(e).__name__}: {e}")
             raise
-        finally:
-            # After, not during, the attach: a warming spare would compete for the CPU.
-            threading.Thread(target=self._replenish_spares, daemon=True).start()
         if self.cfg.parking:
             # A park must leave its devices an idle worker at once, not one still importing:
             # start it now, beside the serving one.
@@ -445,8 +414,6 @@ class Pool:
             except BaseException as e:
                 self._abort_attach(inst, f"kernel warm-up failed: {e}")
                 raise
-            finally:
-                threading.Thread(target=self._replenish_spares, daemon=True).start()
             self.detach(inst.id, park=False)
             w.kernel_warmup_s = time.perf_counter() - t0
             logger.info("worker %d: kernel warm-up done in %.1fs (attach %.1fs)", w.slot,
@@ -505,10 +472,12 @@ class Pool:
         argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, extra,
                            device_ids)
         t_launch = time.perf_counter()
-        spare = self._take_spare(inst)
-        inst.engine_host = "spare" if spare is not None else "fresh"
-        inst.engine = spare or EngineProcess(self._engine_base_env(), inst.log_path)
-        inst.engine.start(argv, env, inst.log_path)
+        try:
+            inst.engine = self.engines.host_for(inst.env, inst.log_path, timeout)
+        except OSError as e:
+            raise AttachError(f"no engine host: {e}", 503) from None
+        inst.engine_host = inst.engine.kind
+        inst.engine.start(argv, env)
         deadline = time.monotonic() + timeout
         t_reached = t_served = None
         while True:
@@ -557,7 +526,7 @@ class Pool:
             self.instances.pop(inst.id, None)
 
     def _watch_engine(self, inst: Instance) -> None:
-        rc = inst.engine.proc.wait()
+        rc = inst.engine.wait()
         if inst.state in LIVE_INSTANCE_STATES and inst.state != InstanceState.ATTACHING \
                 and not self.stopping:
             self._fail_instance(inst, f"engine exited with code {rc}: "

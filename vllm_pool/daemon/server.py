@@ -63,9 +63,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-host", default="127.0.0.1", help="address attached engines bind")
     p.add_argument("--log-dir", default=None, help="worker and engine logs "
                                                    "(default: ~/.cache/vllm-pool/logs)")
-    p.add_argument("--engine-spares", type=int, default=1,
-                   help="pre-warmed engine hosts kept ready (vLLM imported), so an attach "
-                        "starts no fresh interpreter; 0 disables")
+    p.add_argument("--engine-hosts", choices=["fork", "fresh"], default="fork",
+                   help="fork: each attach's engine is forked in milliseconds from one warm "
+                        "process with vLLM imported (no CUDA context); fresh: a new "
+                        "interpreter per attach, which imports vLLM first")
+    p.add_argument("--engine-spares", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--state-file", default=None,
                    help="where the daemon records its processes and instances, so a daemon "
                         "started after a crash stops and removes what the dead one left "
@@ -175,7 +177,8 @@ def serve(args: argparse.Namespace) -> int:
                            log_dir=log_dir, engine_host=args.engine_host,
                            memory_slack_mib=args.memory_slack_mib,
                            context_memory_mib=args.context_memory_mib,
-                           engine_spares=max(0, args.engine_spares),
+                           engine_fork=args.engine_hosts == "fork"
+                           and args.engine_spares != 0,  # the old flag's 0: fresh hosts
                            state_path=state_path, control_port=args.port,
                            parking=args.enable_parking,
                            park_budget_bytes=0 if args.park_budget_gb is None

@@ -1,8 +1,11 @@
 """An engine host: vLLM's own OpenAI API server, in a process that was warm before the attach.
 
-The daemon starts `python -m vllm_pool.engine.entry --cmd-fd N [--ready-fd M]`. The host
-imports everything the API server and EngineCore need, says `ready` on --ready-fd, and waits
-for one JSON line on --cmd-fd: `{"argv": [...], "env": {...}}`. It then takes that
+Two ways in. Usually the daemon keeps one fork server (`--forkserver-fd N`,
+`forkserver.py`): it imports everything the API server and EngineCore need once, and forks
+one host per attach in milliseconds. An attach that sets environment read at import time
+gets a fresh interpreter instead (`--cmd-fd N [--ready-fd M]`), which imports, says `ready`
+on --ready-fd and goes on as a forked host does. A host waits for one JSON line on its
+order pipe: `{"argv": [...], "env": {...}}`. It then takes that
 environment and runs vLLM's api_server module as `__main__` with those arguments. EngineCore
 is forked from it (VLLM_WORKER_MULTIPROC_METHOD=fork), so it starts with vLLM already
 imported too; this process makes no CUDA context, so forking is what vLLM itself allows.
@@ -72,27 +75,13 @@ def trace_stacks(every: str | None) -> None:
         after_in_child=lambda: faulthandler.dump_traceback_later(float(every), repeat=True))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(prog="vllm-pool-engine")
-    p.add_argument("--cmd-fd", type=int, required=True)
-    p.add_argument("--ready-fd", type=int, default=None)
-    a = p.parse_args()
+def run_host(cmd) -> None:
+    """Wait for the attach's order on `cmd`, then become vLLM's API server with it."""
     import setproctitle
 
-    setproctitle.setproctitle("vllm-pool-engine-spare")
-    print(f"vllm-pool engine host warm in {prewarm():.1f}s", flush=True)
-    # Out of the GC's reach, in this host and in the EngineCore forked from it: vLLM's
-    # freeze_gc_heap() at the end of EngineCore start-up collects the whole heap, 2 s on
-    # the CPU machine over the host's unfrozen imports.
-    gc.collect()
-    gc.freeze()
-    if a.ready_fd is not None:
-        os.write(a.ready_fd, b"ready\n")
-        os.close(a.ready_fd)
-    cmd = os.fdopen(a.cmd_fd, "rb")
     line = cmd.readline()
     if not line:
-        return  # the pool went away before this spare was used
+        return  # the pool went away before this host was used
     order = json.loads(line)
     setproctitle.setproctitle("vllm-pool-engine")
     threading.Thread(target=_guard, args=(cmd,), daemon=True, name="PoolParentGuard").start()
@@ -107,6 +96,39 @@ def main() -> None:
     module = compat.api_server_module()
     sys.argv = [module] + list(order["argv"])
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+def _warm() -> None:
+    print(f"vllm-pool engine host warm in {prewarm():.1f}s", flush=True)
+    # Out of the GC's reach, in this host and in every process forked from it: vLLM's
+    # freeze_gc_heap() at the end of EngineCore start-up collects the whole heap, 2 s on
+    # the CPU machine over the host's unfrozen imports.
+    gc.collect()
+    gc.freeze()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="vllm-pool-engine")
+    p.add_argument("--cmd-fd", type=int, default=None, help="a single host: its order pipe")
+    p.add_argument("--ready-fd", type=int, default=None)
+    p.add_argument("--forkserver-fd", type=int, default=None,
+                   help="the fork server: its control socket (forkserver.py)")
+    a = p.parse_args()
+    import setproctitle
+
+    if a.forkserver_fd is not None:
+        from vllm_pool.engine import forkserver
+
+        setproctitle.setproctitle("vllm-pool-engine-forkserver")
+        _warm()
+        forkserver.serve(a.forkserver_fd, run_host)
+        return
+    setproctitle.setproctitle("vllm-pool-engine-spare")
+    _warm()
+    if a.ready_fd is not None:
+        os.write(a.ready_fd, b"ready\n")
+        os.close(a.ready_fd)
+    run_host(os.fdopen(a.cmd_fd, "rb"))
 
 
 if __name__ == "__main__":

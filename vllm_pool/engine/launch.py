@@ -7,11 +7,15 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+
+from vllm_pool import messages
 
 EXECUTOR = "vllm_pool.executor.PoolExecutor"
 
@@ -28,74 +32,50 @@ def engine_argv(model: str, host: str, port: int, tp: int, pp: int, extra: list[
 
 
 class EngineProcess:
-    """An engine host process: warm (imports done) once `ready`, an engine once `start`ed.
+    """One engine host: a process that runs vLLM's API server once it gets its order.
 
-    Spares are started ahead of time by the daemon; an attach that finds none ready
-    starts one on the spot (the same process, just not warm yet).
+    Two kinds share this interface: `SpawnedHost`, a fresh interpreter (for an attach that
+    sets environment read at import time), and `ForkedHost`, forked by the `ForkServer`.
+    Either leads its own process group (its pid), which holds the API server and EngineCore.
     """
 
-    def __init__(self, base_env: dict[str, str], log_path: str):
-        self.log_path = log_path
-        cmd_r, self._cmd_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-        log = open(log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm_pool.engine.entry", "--cmd-fd", str(cmd_r),
-             "--ready-fd", str(ready_w)],
-            env=base_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            pass_fds=(cmd_r, ready_w), start_new_session=True)
-        log.close()
-        os.close(cmd_r)
-        os.close(ready_w)
-        self._ready_r = ready_r
-        self.pid = self.proc.pid
+    pid: int
+    log_path: str
+    kind: str = ""
+    _cmd_w: int | None = None
 
-    def ready(self, timeout: float = 0.0) -> bool:
-        """True once the host has finished its imports (non-blocking by default)."""
-        if self._ready_r is None:
-            return True
-        r, _, _ = select.select([self._ready_r], [], [], timeout)
-        if r and os.read(self._ready_r, 16).startswith(b"ready"):
-            os.close(self._ready_r)
-            self._ready_r = None
-            return True
-        return False
-
-    def start(self, argv: list[str], env: dict[str, str], log_path: str | None = None) -> None:
+    def start(self, argv: list[str], env: dict[str, str]) -> None:
         """Hand the host its engine: vLLM serve arguments and the full environment."""
-        if log_path and log_path != self.log_path:
-            os.rename(self.log_path, log_path)  # the host keeps writing to the same file
-            self.log_path = log_path
         env = dict(env)
         # EngineCore forks from this warm process instead of spawning a fresh interpreter.
         env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
         os.write(self._cmd_w, (json.dumps({"argv": argv, "env": env}) + "\n").encode())
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        raise NotImplementedError
 
-    def stop(self, timeout: float = 30.0) -> int:
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The host's exit code once it has exited (None: still running after `timeout`)."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM the engine's process group, SIGKILL it after `timeout`; reap."""
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
                 break
-            try:
-                self.proc.wait(wait)
+            if self.wait(wait) is not None:
                 break
-            except subprocess.TimeoutExpired:
-                continue
         # EngineCore may outlive the API server by a moment: sweep the group.
         _wait_group_gone(self.pid, timeout)
-        for fd in (self._cmd_w, self._ready_r):
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._cmd_w = self._ready_r = None
-        return self.proc.wait()
+        if self._cmd_w is not None:
+            try:
+                os.close(self._cmd_w)
+            except OSError:
+                pass
+            self._cmd_w = None
+        return self.wait(10.0)
 
     def log_tail(self, n: int = 4000) -> str:
         try:
@@ -105,6 +85,183 @@ class EngineProcess:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
+
+
+class SpawnedHost(EngineProcess):
+    """A fresh interpreter: imports vLLM itself (seconds), then takes its order."""
+
+    kind = "fresh"
+
+    def __init__(self, base_env: dict[str, str], log_path: str):
+        self.log_path = log_path
+        cmd_r, self._cmd_w = os.pipe()
+        log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_pool.engine.entry", "--cmd-fd", str(cmd_r)],
+            env=base_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(cmd_r,), start_new_session=True)
+        log.close()
+        os.close(cmd_r)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class ForkedHost(EngineProcess):
+    """A host forked by the fork server. Its parent is the server, which reports its exit
+    code; the daemon watches it through a pidfd, which stays valid after it is reaped."""
+
+    kind = "forked"
+
+    def __init__(self, pid: int, cmd_w: int, log_path: str):
+        self.pid = pid
+        self._cmd_w = cmd_w
+        self.log_path = log_path
+        self.returncode: int | None = None
+        self._exited = threading.Event()
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except OSError:  # already gone and reaped: its exit report follows
+            self._pidfd = None
+
+    def _set_exit(self, rc: int) -> None:
+        self.returncode = rc
+        self._exited.set()
+
+    def alive(self) -> bool:
+        if self._exited.is_set():
+            return False
+        if self._pidfd is None:
+            return False
+        r, _, _ = select.select([self._pidfd], [], [], 0)
+        return not r
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self._pidfd is not None and not self._exited.is_set():
+            r, _, _ = select.select([self._pidfd], [], [], timeout)
+            if not r:
+                return None
+        # Exited; its code comes from the server a moment later (None: server gone too).
+        self._exited.wait(5.0)
+        if self._pidfd is not None:
+            try:
+                os.close(self._pidfd)
+            except OSError:
+                pass
+            self._pidfd = None
+        return self.returncode if self._exited.is_set() else -1
+
+
+class ForkServer:
+    """The daemon's side of the engine fork server (forkserver.py): start it, fork hosts."""
+
+    def __init__(self, base_env: dict[str, str], log_path: str):
+        self.log_path = log_path
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm_pool.engine.entry", "--forkserver-fd",
+             str(theirs.fileno())],
+            env=base_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),), start_new_session=True)
+        log.close()
+        theirs.close()
+        self.pid = self.proc.pid
+        self._sock = ours
+        self._lock = threading.Lock()           # one fork request at a time
+        self._seq = 0
+        self._ready = threading.Event()
+        self._forked: dict[int, int] = {}       # seq -> pid
+        self._replied = threading.Condition()
+        self._hosts: dict[int, ForkedHost] = {}
+        self._early_exits: dict[int, int] = {}  # pid -> rc, reported before registration
+        threading.Thread(target=self._read, daemon=True,
+                         name=f"PoolForkServer-{self.pid}").start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._sock.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            msg = messages.decode_fork_reply(data.rstrip(b"\n"))
+            if isinstance(msg, messages.ServerReady):
+                self._ready.set()
+            elif isinstance(msg, messages.Forked):
+                with self._replied:
+                    self._forked[msg.seq] = msg.pid
+                    self._replied.notify_all()
+            else:
+                with self._replied:
+                    host = self._hosts.pop(msg.pid, None)
+                    if host is None:
+                        self._early_exits[msg.pid] = msg.returncode
+                if host is not None:
+                    host._set_exit(msg.returncode)
+        self.proc.wait()  # reap; its hosts' exits are no longer reported
+        with self._replied:
+            self._replied.notify_all()
+
+    def ready(self, timeout: float = 0.0) -> bool:
+        return self._ready.wait(timeout) and self.alive()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def fork(self, log_path: str, timeout: float = 10.0) -> ForkedHost:
+        """A new host, waiting for its order. Raises OSError if the server cannot fork."""
+        cmd_r, cmd_w = os.pipe()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+                socket.send_fds(self._sock, [messages.encode(messages.Fork(seq=seq))],
+                                [cmd_r, log_fd])
+                with self._replied:
+                    ok = self._replied.wait_for(
+                        lambda: seq in self._forked or not self.alive(), timeout)
+                    pid = self._forked.pop(seq, None)
+                    if not ok or pid is None:
+                        raise OSError("the engine fork server did not fork a host")
+                    host = ForkedHost(pid, cmd_w, log_path)
+                    rc = self._early_exits.pop(pid, None)
+                    if rc is None:
+                        self._hosts[pid] = host
+                if rc is not None:
+                    host._set_exit(rc)
+                return host
+        except BaseException:
+            os.close(cmd_w)
+            raise
+        finally:
+            os.close(cmd_r)
+            os.close(log_fd)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the control socket (the server exits on EOF); kill it if it lingers."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
 
 
 def _wait_group_gone(pgid: int, timeout: float) -> None:

@@ -1,0 +1,87 @@
+"""Engine hosts: which process an attach's engine runs in.
+
+The pool keeps one engine fork server (engine/forkserver.py): vLLM imported, no CUDA
+context. Each attach gets a host forked from it in milliseconds, so back-to-back attaches
+never wait for an interpreter. An attach that sets environment vLLM reads at import time
+(logging, plugins, devices) gets a fresh interpreter instead, since a fork would carry the
+server's imports made under other settings. A server that dies is started again; attaches
+meanwhile wait for it (it is closer to ready than a fresh interpreter).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+
+from vllm_pool.engine.launch import EngineProcess, ForkServer, SpawnedHost
+
+logger = logging.getLogger("vllm_pool.daemon")
+
+# Environment an engine reads at import time: attaches that set it get a fresh process.
+_IMPORT_TIME_ENV = ("VLLM_LOGGING", "VLLM_CONFIGURE_LOGGING", "VLLM_PLUGINS", "CUDA_",
+                    "PYTHON", "LD_", "OMP_", "TORCH", "TRITON", "VLLM_USE_V1", "VLLM_TARGET")
+# ...except cache locations, which torch and Triton read each time they use the cache.
+_LAZY_ENV = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def needs_fresh_interpreter(env: dict[str, str]) -> bool:
+    return any(k.startswith(_IMPORT_TIME_ENV) and k not in _LAZY_ENV for k in env)
+
+
+class EngineHosts:
+    def __init__(self, base_env: Callable[[], dict[str, str]], log_dir: str, forked: bool):
+        self._base_env = base_env
+        self._log_dir = log_dir
+        self.forked = forked              # False: every attach starts a fresh interpreter
+        self._lock = threading.Lock()
+        self._server: ForkServer | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        if self.forked:
+            with self._lock:
+                self._ensure_server()
+
+    def _ensure_server(self) -> ForkServer:
+        """The live fork server, started (again) if needed; under the lock."""
+        if self._server is None or not self._server.alive():
+            if self._server is not None:
+                logger.warning("engine fork server (pid %d) exited; starting another",
+                               self._server.pid)
+            log = os.path.join(self._log_dir, f"engine-forkserver-{uuid.uuid4().hex[:8]}.log")
+            self._server = ForkServer(self._base_env(), log)
+        return self._server
+
+    def ready(self) -> bool:
+        """True when an attach would get a forked host at once."""
+        s = self._server
+        return s is not None and s.ready()
+
+    def pids(self) -> list[int]:
+        s = self._server
+        return [s.pid] if s is not None and s.alive() else []
+
+    def host_for(self, env: dict[str, str], log_path: str, timeout: float) -> EngineProcess:
+        """A host for one attach, waiting for its order: forked unless `env` needs a fresh
+        interpreter, or the pool runs without a fork server."""
+        if self.forked and not needs_fresh_interpreter(env):
+            with self._lock:
+                if self._stopping:
+                    raise OSError("the pool is shutting down")
+                server = self._ensure_server()
+            if server.ready(timeout):
+                try:
+                    return server.fork(log_path)
+                except OSError as e:
+                    logger.warning("engine fork server could not fork (%s): a fresh host", e)
+        return SpawnedHost(self._base_env(), log_path)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            server, self._server = self._server, None
+        if server is not None:
+            server.stop()
