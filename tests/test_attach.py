@@ -27,7 +27,8 @@ def _ok(r: httpx.Response) -> dict:
 def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, reference):
     pool = idle_pool
     before = {w["slot"]: w for w in pool.workers()}
-    inst = _ok(pool.attach(model_a, name="a1", devices=["cpu:0"]))
+    port = helpers.free_port()
+    inst = _ok(pool.attach(model_a, name="a1", devices=["cpu:0"], port=port))
     assert inst["state"] == "serving" and inst["workers"] == [0]
     assert PHASES <= set(inst["phases"]), inst["phases"]
     assert inst["engine_host"] == "forked"  # forked from the warm engine fork server
@@ -63,8 +64,10 @@ def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, referen
     with pytest.raises(httpx.HTTPError):
         httpx.get(url + "/health", timeout=2)
 
-    # A different model on the same worker answers as plain vLLM does.
-    inst_b = _ok(pool.attach(model_b, name="b1", devices=["cpu:0"]))
+    # A different model on the same worker answers as plain vLLM does; the port the
+    # detached instance served on is free at once (its connections in TIME_WAIT do not
+    # stop the engine's server from binding it, so they must not stop the pool either).
+    inst_b = _ok(pool.attach(model_b, name="b1", devices=["cpu:0"], port=port))
     assert helpers.greedy(inst_b["url"], model_b) == reference(model_b, 1)
     assert pool.workers()[0]["pid"] == before[0]["pid"]
 

@@ -779,7 +779,12 @@ def _check_args(args: list[str], env: dict[str, str]) -> None:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
+    """Whether the engine could bind `port`, checked the way its server binds
+    (vLLM's create_server_socket: SO_REUSEADDR), so connections in TIME_WAIT from the
+    instance that had the port before do not count as "in use"."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
