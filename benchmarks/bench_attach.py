@@ -132,7 +132,7 @@ class Pool:
         # Each worker's start: process warm-up, then the kernel warm-up attach (if on), and
         # its idle footprint after both (what detaches are measured against).
         self.workers_at_start = [
-            {k: w[k] for k in ("slot", "device", "warmup_s", "kernel_warmup_s", "baseline_bytes")}
+            {k: w[k] for k in ("slot", "device", "start_s", "kernel_warmup_s", "baseline_bytes")}
             for w in self.c.get("/workers").json()]
 
     def attach(self, a, model: str, name: str, extra_env: dict) -> dict:
@@ -149,19 +149,6 @@ class Pool:
         r.raise_for_status()
         return time.perf_counter() - t0
 
-    def wait_spare(self, timeout: float = 180.0) -> None:
-        """Steady state: a pre-warmed engine host is ready, as it is for an attach that
-        does not follow another within seconds (back-to-back attaches are not this)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                h = self.c.get("/health").json()
-                if h.get("engine_spares_ready", 1) >= 1:
-                    return
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.2)
-
     def stop(self) -> None:
         self.c.close()
         stop_group(self.proc)
@@ -171,7 +158,6 @@ class Pool:
 def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: bool) -> dict:
     env = dict(os.environ, **extra_env)
     cache = cache_state(env)
-    pool.wait_spare()
     pids = {w["slot"]: w["pid"] for w in pool.c.get("/workers").json()}
     t0 = time.perf_counter()
     inst = pool.attach(a, model, name, extra_env)
@@ -181,7 +167,6 @@ def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: 
     res = {"health_s": t_health, "first_completion_s": t_first, "cache": cache,
            "phases": inst["phases"], "engine_host": inst.get("engine_host"), "output": out}
     if workload:
-        pool.wait_spare()  # the replacement spare's imports would share the CPU with it
         res["serving"] = serving(inst["url"], model, a)
     res["detach_s"] = pool.detach(name)
     ws = pool.c.get("/workers").json()
@@ -196,7 +181,6 @@ def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: 
 def run_swap(a, pool: Pool, model_a: str, model_b: str, extra_env: dict) -> dict:
     inst_a = pool.attach(a, model_a, "swap-a", extra_env)
     first_completion(inst_a["url"], model_a)
-    pool.wait_spare()
     t0 = time.perf_counter()
     pool.detach("swap-a")
     inst = pool.attach(a, model_b, "swap-b", extra_env)
@@ -333,9 +317,6 @@ def main() -> int:
                 if rep % 2:
                     order.reverse()
                 for who in order:
-                    # Also before plain runs: a spare warming up in the background would
-                    # otherwise compete with the plain server for the CPU.
-                    pool.wait_spare()
                     env = cache_env(mode, scratch)
                     if who == "plain" and a.skip_plain:
                         continue

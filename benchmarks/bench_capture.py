@@ -37,7 +37,6 @@ def parse_variant(s: str) -> tuple[str, list[str]]:
 
 
 def attach_once(a, pool: Pool, model: str, name: str, args: list[str]) -> dict:
-    pool.wait_spare()
     run = copy.copy(a)
     run.engine_args = [*a.engine_args, *args]
     t0 = time.perf_counter()
@@ -45,7 +44,6 @@ def attach_once(a, pool: Pool, model: str, name: str, args: list[str]) -> dict:
     out = first_completion(inst["url"], model)
     res = {"first_completion_s": time.perf_counter() - t0, "phases": inst["phases"],
            "output": out, "serving": {}}
-    pool.wait_spare()  # the replacement spare's imports would share the CPU with it
     for c in a.concurrencies:
         w = copy.copy(a)
         w.concurrency = c

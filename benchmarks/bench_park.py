@@ -99,14 +99,6 @@ class ParkPool:
         ws = self.c.get("/workers").json()
         return [w["pid"] for w in ws if w.get("instance_id") == inst["id"]]
 
-    def wait_spare(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = self.c.get("/health").json()
-            if h.get("engine_spares_ready", 1) >= 1 and h.get("status") == "ok":
-                return
-            time.sleep(0.2)
-
     def stop(self) -> None:
         self.c.close()
         stop_group(self.proc)
@@ -158,7 +150,6 @@ def main() -> int:
     pool = ParkPool(a, log_dir)
     res["pool_ready_s"] = pool.ready_s
     try:
-        pool.wait_spare()
         if a.device == "gpu":
             res["gpu_used_idle_pool_bytes"] = gpu_used_total()
             res["idle_worker_device_bytes"] = list(gpu_mem_by_pid().values())
@@ -167,7 +158,6 @@ def main() -> int:
         time.sleep(a.serve_before_park)  # a model serves a while before it is parked
         res["parks"], res["reattaches"] = [], []
         for rep in range(a.reps):
-            pool.wait_spare()
             res["parks"].append({"park_s": pool.park("a"),
                                  **parked_memory(pool, inst_a, a.device)})
             inst, t, out = pool.attach(a, model_a, "a")
@@ -177,7 +167,6 @@ def main() -> int:
                 "same_greedy_tokens": out == ref_a, "phases": inst.get("phases")})
             print(f"[rep {rep}] park {res['parks'][-1]['park_s']:.2f}s, re-attach "
                   f"{t:.2f}s, woken {inst.get('woken')}, same tokens {out == ref_a}", flush=True)
-        pool.wait_spare()
         res["park_a_before_b_s"] = pool.park("a")
         inst_b, t, ref_b = pool.attach(a, model_b, "b")
         res["attach_b_cold_s"] = t
@@ -188,7 +177,6 @@ def main() -> int:
         # serving one to make room).
         pool.attach(a, model_a, "a")
         for rep in range(2 * a.reps):
-            pool.wait_spare()
             to = "b" if rep % 2 == 0 else "a"
             model, ref = refs[to]
             inst, t, out = pool.attach(a, model, to)

@@ -16,6 +16,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# An illegal state transition raises in the daemons the tests start (states.py).
+os.environ.setdefault("VLLM_POOL_STRICT_STATES", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_CACHE = os.environ.get("VLLM_POOL_TEST_MODELS", os.path.join(ROOT, ".cache", "models"))

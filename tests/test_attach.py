@@ -15,7 +15,7 @@ import pytest
 from tests import helpers
 
 PHASES = {"reserve", "engine_start", "worker_init", "weight_load", "memory_profiling",
-          "kv_cache", "compile", "graph_capture", "warmup", "ready", "total"}
+          "kv_cache", "compile", "graph_capture", "model_warmup", "ready", "total"}
 CPU_RSS_SLACK = 512 * 2**20  # a detached CPU worker keeps allocator caches, not the model
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from vllm_pool import messages
 from vllm_pool.daemon import allocator
-from vllm_pool.daemon.pool import AttachError, _check_args
+from vllm_pool.daemon.arg_policy import check_args as _check_args
+from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.server import parse_gpus
 from vllm_pool.engine.launch import engine_argv, failure_reason
 from vllm_pool.states import WorkerState
@@ -74,8 +75,10 @@ def test_engine_argv_ends_with_pool_executor():
 def test_messages_round_trip():
     line = messages.encode(messages.Lease(instance_id="i", token="t"))
     assert messages.decode_command(line) == messages.Lease(instance_id="i", token="t")
-    ev = messages.StateChanged(state=WorkerState.SERVING, pid=3, phases={"x": 1.0})
-    assert messages.decode_event(messages.encode(ev)) == ev
+    for ev in (messages.Serving(pid=3, instance_id="i", phases={"x": 1.0}),
+               messages.Idle(pid=3, memory_bytes=5, baseline_bytes=4, start_s=1.5),
+               messages.Failed(pid=3, error="unclean")):
+        assert messages.decode_event(messages.encode(ev)) == ev
     lease = messages.LeaseInfo("i", "t", "ab", [messages.WorkerAddress(0, "cpu:0", "/s")])
     assert messages.LeaseInfo.from_json(lease.to_json()) == lease
 
@@ -257,33 +260,19 @@ def test_kernel_warmup_mode_and_engine_args():
     # vLLM's warm-up sizes its dummy batch from these: the user's defaults must apply.
     assert not {"--max-num-seqs", "--max-num-batched-tokens"} & set(gpu)
     # The warm-up lease tells the worker to measure its idle footprint afterwards.
-    lease = messages.decode_command(messages.encode(messages.Lease("i", "t", warmup=True)))
-    assert lease.warmup is True
-    assert messages.decode_command(messages.encode(messages.Lease("i", "t"))).warmup is False
+    lease = messages.decode_command(messages.encode(messages.Lease("i", "t", kernel_warmup=True)))
+    assert lease.kernel_warmup is True
+    assert messages.decode_command(messages.encode(messages.Lease("i", "t"))).kernel_warmup \
+        is False
 
 
 def test_warming_worker_is_not_free_but_worth_waiting_for():
-    """The pool shows a warming worker to the allocator as starting."""
+    """A worker in its kernel warm-up is not free, but an attach waits for it."""
     devs = {0: "cuda:0"}
-    warming = {0: WorkerState.STARTING}
-    with pytest.raises(allocator.NoCapacity):
-        allocator.reserve(warming, devs, 1)
-    assert allocator.fits_once_started(warming, devs, 1)
-
-
-def test_pool_shows_a_warming_worker_and_keeps_it_from_the_allocator(tmp_path):
-    from vllm_pool.daemon.pool import Pool, PoolConfig
-
-    pool = Pool(PoolConfig(devices=["cpu:0"], visible_devices=None, run_dir=str(tmp_path / "r"),
-                           log_dir=str(tmp_path / "l"), kernel_warmup="eager"))
-    w = pool.workers[0]
-    w.state = WorkerState.IDLE  # the process is up; its warm-up attach is due
-    pool.warming.add(0)
-    assert pool.worker_state(w) == WorkerState.WARMING
-    assert pool.alloc_states() == {0: WorkerState.STARTING}
-    pool.warming.discard(0)
-    assert pool.worker_state(w) == WorkerState.IDLE
-    assert pool.alloc_states() == {0: WorkerState.IDLE}
+    for soon in (WorkerState.STARTING, WorkerState.WARMING):
+        with pytest.raises(allocator.NoCapacity):
+            allocator.reserve({0: soon}, devs, 1)
+        assert allocator.fits_once_started({0: soon}, devs, 1)
 
 
 def test_workers_share_one_triton_cache_unless_the_pool_sets_one(tmp_path, monkeypatch):
@@ -298,7 +287,7 @@ def test_workers_share_one_triton_cache_unless_the_pool_sets_one(tmp_path, monke
     want = str(tmp_path / ".triton" / "cache")
     assert {w.spawn_env.get("TRITON_CACHE_DIR") for w in pool.workers.values()} == {want}
     monkeypatch.setenv("TRITON_CACHE_DIR", "/elsewhere")
-    assert "TRITON_CACHE_DIR" not in pool._spawn_env(0, "cuda:0")  # inherited as it is
+    assert "TRITON_CACHE_DIR" not in pool.new_worker("cuda:0").spawn_env  # inherited as it is
 
 
 def test_cpu_tp_mappings_released_in_place():

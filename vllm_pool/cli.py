@@ -1,63 +1,34 @@
 """`vllm-pool serve|attach|detach|ls|gateway` (also reached as `vllm serve-pool|attach|detach`,
 `vllm pool ls|gateway`).
 
-attach/detach/ls are thin HTTP clients on the standard library: they import neither torch
-nor vLLM, so they answer in milliseconds.
+attach/detach/ls are thin clients of the control API (`client.py`): they import neither
+torch nor vLLM, so they answer in a fraction of a second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import urllib.error
-import urllib.request
 
-DEFAULT_POOL = os.environ.get("VLLM_POOL_URL", "http://127.0.0.1:8100")
-
-
-class PoolError(Exception):
-    """A control call failed; `status` is the HTTP status, None if the pool was not reached."""
-
-    def __init__(self, msg: str, status: int | None = None):
-        super().__init__(msg)
-        self.status = status
-
-
-def request(pool: str, method: str, path: str, body: dict | None = None,
-            timeout: float = 3600.0, key: str | None = None):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(pool.rstrip("/") + path, data=data, method=method)
-    req.add_header("content-type", "application/json")
-    key = key or os.environ.get("VLLM_POOL_API_KEY")
-    if key:
-        req.add_header("authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        try:
-            detail = json.loads(e.read()).get("detail", e.reason)
-        except Exception:
-            detail = e.reason
-        raise PoolError(f"HTTP {e.code}: {detail}", e.code) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise PoolError(f"cannot reach the pool at {pool}: {e}") from None
+from vllm_pool.client import DEFAULT_POOL, POOL_URL_ENV, PoolClient, PoolError
 
 
 def _pool_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pool", default=DEFAULT_POOL,
-                   help="control API URL (default $VLLM_POOL_URL or http://127.0.0.1:8100)")
+    p.add_argument("--pool", default=None,
+                   help=f"control API URL (default ${POOL_URL_ENV} or {DEFAULT_POOL})")
 
 
 def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
     from vllm_pool.daemon.server import add_serve_args
+    from vllm_pool.gateway.server import add_gateway_args
 
     p = argparse.ArgumentParser(prog=prog, description="Warm GPU worker pool for vLLM.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    add_serve_args(sub.add_parser("serve", help="start a pool daemon"))
+    serve = sub.add_parser("serve", help="start a pool daemon")
+    add_serve_args(serve)
+    add_gateway_args(serve, models_required=False)
     a = sub.add_parser("attach", help="attach a model to free workers (any other "
                                       "`vllm serve` argument is passed through)")
     _pool_arg(a)
@@ -83,8 +54,6 @@ def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
                                         "running pool: it can be restarted while the models "
                                         "it attached keep serving")
     _pool_arg(gw)
-    from vllm_pool.daemon.server import add_gateway_args
-
     add_gateway_args(gw, models_required=True)
     gw.add_argument("--pool-wait", type=float, default=300.0,
                     help="seconds to wait for the pool to be ready at start")
@@ -108,35 +77,32 @@ def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
             "devices": args.devices.split(",") if args.devices else None}
     t0 = time.perf_counter()
     try:
-        inst = request(args.pool, "POST", "/instances", body)
+        inst = PoolClient(args.pool).attach(body, timeout=args.attach_timeout + 60)
     except PoolError as e:
         print(f"attach failed: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(inst, indent=2))
+        print(inst.model_dump_json(indent=2))
         return 0
-    how = "woke parked" if inst.get("woken") else "attached"
-    print(f"{how} {inst['model']} as {inst['name']} (id {inst['id']}) on "
-          f"{','.join(inst['devices'])} in {time.perf_counter() - t0:.2f}s "
-          f"({inst['engine_host']} engine host)")
-    print(f"endpoint: {inst['url']}/v1")
-    print(f"phases:   {_fmt_phases(inst['phases'])}")
+    how = "woke parked" if inst.woken else "attached"
+    print(f"{how} {inst.model} as {inst.name} (id {inst.id}) on {','.join(inst.devices)} in "
+          f"{time.perf_counter() - t0:.2f}s ({inst.engine_host} engine host)")
+    print(f"endpoint: {inst.url}/v1")
+    print(f"phases:   {_fmt_phases(inst.phases)}")
     return 0
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    query = "" if args.park is None else f"?park={str(args.park).lower()}"
     try:
-        inst = request(args.pool, "DELETE", f"/instances/{args.ref}{query}")
+        inst = PoolClient(args.pool).detach(args.ref, args.park)
     except PoolError as e:
         print(f"detach failed: {e}", file=sys.stderr)
         return 1
-    if inst["state"] == "parked":
-        print(f"parked {inst['name']} (id {inst['id']}) in {inst['phases'].get('park', 0):.2f}s; "
-              f"host memory {_mib(inst['host_bytes'])}")
+    if inst.state == "parked":
+        print(f"parked {inst.name} (id {inst.id}) in {inst.phases.get('park', 0):.2f}s; "
+              f"host memory {_mib(inst.host_bytes)}")
     else:
-        print(f"detached {inst['name']} (id {inst['id']}) in "
-              f"{inst['phases'].get('detach', 0):.2f}s")
+        print(f"detached {inst.name} (id {inst.id}) in {inst.phases.get('detach', 0):.2f}s")
     return 0
 
 
@@ -145,36 +111,38 @@ def _mib(b: int) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    client = PoolClient(args.pool)
     try:
-        workers = request(args.pool, "GET", "/workers", timeout=30)
-        instances = request(args.pool, "GET", "/instances", timeout=30)
+        workers, instances = client.workers(), client.instances()
     except PoolError as e:
         print(f"ls failed: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"workers": workers, "instances": instances}, indent=2))
+        print(json.dumps({"workers": [w.model_dump(mode="json") for w in workers],
+                          "instances": [i.model_dump(mode="json") for i in instances]},
+                         indent=2))
         return 0
-    names = {i["id"]: i["name"] for i in instances}
+    names = {i.id: i.name for i in instances}
     print(f"{'SLOT':<5}{'DEVICE':<9}{'STATE':<11}{'PID':<9}{'INSTANCE':<20}{'MEMORY':<10}IDLE")
     for w in workers:
-        print(f"{w['slot']:<5}{w['device']:<9}{w['state']:<11}{str(w['pid']):<9}"
-              f"{names.get(w['instance_id'], w['instance_id'] or '-'):<20}"
-              f"{_mib(w['memory_bytes']):<10}{_mib(w['baseline_bytes'])}")
+        print(f"{w.slot:<5}{w.device:<9}{w.state.value:<11}{str(w.pid):<9}"
+              f"{names.get(w.instance_id, w.instance_id or '-'):<20}"
+              f"{_mib(w.memory_bytes):<10}{_mib(w.baseline_bytes)}")
     print()
     print(f"{'NAME':<20}{'MODEL':<32}{'TP':<4}{'PORT':<7}{'STATE':<11}{'UPTIME':<9}ATTACH")
     for i in instances:
-        up = f"{i['uptime_s']:.0f}s" if i["uptime_s"] is not None else "-"
-        total = i["phases"].get("total")
-        print(f"{i['name']:<20}{i['model'][-31:]:<32}{i['tp']:<4}{i['port']:<7}"
-              f"{i['state']:<11}{up:<9}{f'{total:.2f}s' if total else '-'}"
-              + (f"  host memory {_mib(i['host_bytes'])}" if i["state"] == "parked" else "")
-              + (f"  error: {i['error']}" if i["error"] else ""))
-        if i["phases"]:
-            print(f"    {i['engine_host'] or '-'} engine; phases: {_fmt_phases(i['phases'])}")
+        up = f"{i.uptime_s:.0f}s" if i.uptime_s is not None else "-"
+        total = i.phases.get("total")
+        print(f"{i.name:<20}{i.model[-31:]:<32}{i.tp:<4}{i.port:<7}"
+              f"{i.state.value:<11}{up:<9}{f'{total:.2f}s' if total else '-'}"
+              + (f"  host memory {_mib(i.host_bytes)}" if i.state == "parked" else "")
+              + (f"  error: {i.error}" if i.error else ""))
+        if i.phases:
+            print(f"    {i.engine_host or '-'} engine; phases: {_fmt_phases(i.phases)}")
     return 0
 
 
-def main(argv: list[str] | None = None, prog: str = "vllm-pool") -> int:
+def _main(argv: list[str] | None, prog: str) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
     if argv and argv[0] == "attach":
@@ -185,8 +153,9 @@ def main(argv: list[str] | None = None, prog: str = "vllm-pool") -> int:
         args, extra = parser.parse_args(argv), []
     if args.cmd == "serve":
         from vllm_pool.daemon.server import serve
+        from vllm_pool.gateway.server import EmbeddedGateway
 
-        return serve(args)
+        return serve(args, [EmbeddedGateway(args)] if args.models else [])
     if args.cmd == "gateway":
         from vllm_pool.gateway.standalone import run
 
@@ -196,6 +165,14 @@ def main(argv: list[str] | None = None, prog: str = "vllm-pool") -> int:
     if args.cmd == "detach":
         return cmd_detach(args)
     return cmd_ls(args)
+
+
+def main(argv: list[str] | None = None, prog: str = "vllm-pool") -> int:
+    try:
+        return _main(argv, prog)
+    except BrokenPipeError:  # the reader went away (`vllm-pool ls | head -1`): no traceback
+        sys.stderr.close()
+        return 1
 
 
 if __name__ == "__main__":

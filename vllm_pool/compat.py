@@ -147,7 +147,12 @@ def cpu_tp_shm_names(ident: str) -> list[str]:
     """/dev/shm segments of vLLM's CPU TP communicator for one rendezvous: named
     `<VLLM_DIST_IDENT>-<group>-[<ranks>]-cpushm_<rank>`, where the CPU worker sets the ident
     to the init method's last part (the file store's name on 0.32, the tcp port before)."""
-    return [os.path.basename(p) for p in glob.glob(f"/dev/shm/{ident}-*-cpushm*")]
+    return [os.path.basename(p) for p in glob.glob(f"/dev/shm/{cpu_tp_shm_glob(ident)}")]
+
+
+def cpu_tp_shm_glob(ident: str) -> str:
+    """The /dev/shm pattern of those segments (cpu_tp_shm_names)."""
+    return f"{ident}-*-cpushm*"
 
 
 def release_cpu_tp_mappings() -> int:

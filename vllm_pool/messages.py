@@ -18,15 +18,13 @@ from typing import Any
 
 import msgspec
 
-from vllm_pool.states import WorkerState
-
 
 # ---- daemon -> worker (JSON lines) -------------------------------------------------
 class Lease(msgspec.Struct, tag=True):
     """Reserve the worker for one instance; only a matching attach is accepted."""
     instance_id: str
     token: str
-    warmup: bool = False  # the pool's kernel warm-up: measure the idle footprint after it
+    kernel_warmup: bool = False  # the pool's kernel warm-up: re-measure the idle footprint after
 
 
 class Release(msgspec.Struct, tag=True):
@@ -47,20 +45,47 @@ Command = Lease | Release | Abort | Shutdown
 
 
 # ---- worker -> daemon (JSON lines) -------------------------------------------------
-class StateChanged(msgspec.Struct, tag=True):
-    state: WorkerState
+# The worker process reports its own phase only; the daemon owns the allocation states
+# (RESERVED, WARMING, PARKED) and maps each event to a transition (daemon/pool.py).
+class _Event(msgspec.Struct, tag=True):
     pid: int
-    instance_id: str | None = None
-    memory_bytes: int = 0           # device memory in use (GPU) or RSS (CPU)
-    baseline_bytes: int = 0         # the same figure when idle after warm-up
-    error: str | None = None
-    phases: dict[str, float] = {}   # worker-side attach phases, seconds
+    memory_bytes: int = 0           # the worker's own memory in use (device or RSS)
+
+
+class Idle(_Event):
+    """Ready for an attach: after start-up, and after each clean detach."""
+    baseline_bytes: int = 0         # the same figure when idle after start (or warm-up)
+    start_s: float = 0.0            # the process's start: imports, CUDA context
+
+
+class Attaching(_Event):
+    instance_id: str = ""
     shm_names: list[str] = []       # shared-memory segments the attach uses (for reclaim)
+
+
+class Serving(_Event):
+    instance_id: str = ""
+    phases: dict[str, float] = {}   # worker-side attach phases, seconds
+    shm_names: list[str] = []
     dist_ident: str | None = None   # VLLM_DIST_IDENT: prefix of vLLM's CPU TP segments
-    warmup_s: float = 0.0
 
 
-Event = StateChanged
+class Detaching(_Event):
+    instance_id: str = ""
+    error: str | None = None        # why the attach ended, if it failed
+
+
+class Failed(_Event):
+    """The worker is exiting: unclean after a detach, or its start-up failed."""
+    error: str = ""
+    instance_id: str | None = None
+
+
+class Stopped(_Event):
+    pass
+
+
+Event = Idle | Attaching | Serving | Detaching | Failed | Stopped
 
 _cmd_dec = msgspec.json.Decoder(Command)
 _evt_dec = msgspec.json.Decoder(Event)

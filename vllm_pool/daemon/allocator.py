@@ -16,6 +16,10 @@ _ACTIVE = frozenset({WorkerState.RESERVED, WorkerState.ATTACHING, WorkerState.SE
                      WorkerState.DETACHING})
 
 
+# Worker states that become IDLE by themselves (process start, the kernel warm-up).
+_SOON_IDLE = frozenset({WorkerState.STARTING, WorkerState.WARMING})
+
+
 def _busy_devices(states: Mapping[int, WorkerState], devices: Mapping[int, str]) -> set[str]:
     return {devices[s] for s, st in states.items() if st in _ACTIVE}
 
@@ -74,12 +78,11 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
 
 def fits_once_started(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: int,
                       wanted_devices: Sequence[str] | None = None) -> bool:
-    """Whether the attach would fit once the workers now starting are idle (a worker
-    started beside a parked one, or a respawned one): worth waiting for, not a 409."""
-    if not any(st == WorkerState.STARTING for st in states.values()):
+    """Whether the attach would fit once the workers now starting or warming are idle (a
+    worker started beside a parked one, or a respawned one): worth waiting for, not a 409."""
+    if not any(st in _SOON_IDLE for st in states.values()):
         return False
-    soon = {s: WorkerState.IDLE if st == WorkerState.STARTING else st
-            for s, st in states.items()}
+    soon = {s: WorkerState.IDLE if st in _SOON_IDLE else st for s, st in states.items()}
     try:
         reserve(soon, devices, n, wanted_devices)
     except (NoCapacity, ValueError):

@@ -10,72 +10,12 @@ import time
 
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field
 
-from vllm_pool.daemon.pool import AttachError, Instance, Pool
+from vllm_pool.api_models import AttachBody, Health, InstanceInfo, WorkerInfo
+from vllm_pool.daemon.errors import AttachError
+from vllm_pool.daemon.pool import Instance, Pool
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.states import InstanceState, WorkerState
-
-
-class AttachBody(BaseModel):
-    model: str = Field(min_length=1, max_length=4096, description="model path or name")
-    tp: int = Field(1, ge=1, le=64, description="tensor parallel size")
-    pp: int = Field(1, ge=1, le=64, description="pipeline parallel size")
-    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
-    port: int | None = Field(None, ge=1024, le=65535)
-    devices: list[str] | None = Field(None, description="pin to these devices, rank order")
-    args: list[str] = Field(default_factory=list, max_length=256,
-                            description="any other `vllm serve` arguments")
-    env: dict[str, str] = Field(default_factory=dict, max_length=128,
-                                description="extra environment for this engine (VLLM_* etc.)")
-    timeout_s: float = Field(900.0, gt=0, le=7200)
-
-
-class InstanceInfo(BaseModel):
-    id: str
-    name: str
-    model: str
-    tp: int
-    pp: int
-    port: int
-    url: str
-    state: InstanceState
-    workers: list[int]
-    devices: list[str]
-    args: list[str]
-    engine_pid: int | None
-    engine_host: str
-    created_at: float
-    uptime_s: float | None
-    phases: dict[str, float]
-    error: str | None
-    parked_at: float | None = None
-    host_bytes: int = Field(0, description="parked: host memory it holds (RSS over idle)")
-    woken: bool = Field(False, description="the last attach request woke it from parking")
-
-
-class WorkerInfo(BaseModel):
-    slot: int
-    device: str
-    state: WorkerState
-    pid: int | None
-    instance_id: str | None
-    memory_bytes: int
-    baseline_bytes: int
-    warmup_s: float
-    kernel_warmup_s: float
-    restarts: int
-    error: str | None
-
-
-class Health(BaseModel):
-    status: str
-    workers: int
-    idle: int
-    instances: int
-    engine_hosts_ready: bool = Field(description="an attach gets a forked engine host at once "
-                                     "(the pool's engine fork server is warm)")
-    parking: bool = Field(False, description="started with --enable-parking")
 
 
 def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
@@ -90,9 +30,9 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
 
 
 def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
-    return WorkerInfo(slot=w.slot, device=w.device, state=pool.worker_state(w), pid=w.pid,
+    return WorkerInfo(slot=w.slot, device=w.device, state=w.state, pid=w.pid,
                       instance_id=w.instance_id, memory_bytes=w.memory_bytes,
-                      baseline_bytes=w.baseline_bytes, warmup_s=round(w.warmup_s, 3),
+                      baseline_bytes=w.baseline_bytes, start_s=round(w.start_s, 3),
                       kernel_warmup_s=round(w.kernel_warmup_s, 3),
                       restarts=max(0, w.restarts), error=w.error)
 
@@ -163,12 +103,12 @@ def build_app(pool: Pool) -> FastAPI:
     @app.get("/health", response_model=Health)
     def health() -> Health:
         ws = list(pool.workers.values())
-        idle = sum(pool.worker_state(w) == WorkerState.IDLE for w in ws)
+        idle = sum(w.state == WorkerState.IDLE for w in ws)
         # Workers started beside parked ones do not make the pool unready while they warm.
-        ok = all(pool.worker_state(w) not in (WorkerState.STARTING, WorkerState.WARMING,
-                                              WorkerState.FAILED)
+        ok = all(w.state not in (WorkerState.STARTING, WorkerState.WARMING, WorkerState.FAILED,
+                                 WorkerState.BROKEN)
                  for w in ws if not w.extra)
-        if pool.stopping or not ok:
+        if pool.stopping or not ok or not pool.engines.ready():
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
         return Health(status="ok", workers=len(ws), idle=idle, instances=len(pool.instances),
                       engine_hosts_ready=pool.engines.ready(), parking=pool.cfg.parking)

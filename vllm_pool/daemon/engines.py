@@ -56,9 +56,23 @@ class EngineHosts:
         return self._server
 
     def ready(self) -> bool:
-        """True when an attach would get a forked host at once."""
-        s = self._server
-        return s is not None and s.ready()
+        """True when an attach would get its host at once (a fork, or a fresh spawn); a
+        fork server found dead is started again here."""
+        if not self.forked:
+            return True
+        with self._lock:
+            if self._stopping:
+                return False
+            server = self._ensure_server()
+        return server.ready()
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Until the fork server is warm (True at once without one)."""
+        if not self.forked:
+            return True
+        with self._lock:
+            server = self._ensure_server()
+        return server.ready(timeout)
 
     def pids(self) -> list[int]:
         s = self._server

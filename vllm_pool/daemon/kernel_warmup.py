@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 
 logger = logging.getLogger("vllm_pool.daemon")
 
@@ -90,3 +91,45 @@ def ensure_model(cache_root: str | None = None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_model_lock = threading.Lock()  # one build, however many workers start at once
+
+
+def run(pool, w) -> None:
+    """Attach the built-in warm-up model to this new worker (WARMING) alone, then detach
+    it; the worker measures its idle footprint again afterwards. It is IDLE after, warm-up
+    done or not: a failed warm-up leaves a usable worker, and turns the warm-up off for
+    later workers rather than letting them fail alike."""
+    import time
+    import uuid
+
+    from vllm_pool.states import WorkerState, transition
+
+    t0 = time.perf_counter()
+    mode = pool.cfg.kernel_warmup
+    try:
+        if mode == "off":  # turned off by another worker's failed warm-up
+            return
+        with _model_lock:
+            model = ensure_model()
+        with pool.lock:
+            if pool.stopping or w.state != WorkerState.WARMING or w.instance_id is not None:
+                return
+            inst = pool.lease(uuid.uuid4().hex[:12], f"{NAME_PREFIX}{w.slot}", model, 1, 1,
+                              None, engine_args(mode, w.device.startswith("cuda")), {},
+                              [w.slot], "", kernel_warmup=True)
+        logger.info("worker %d: kernel warm-up attach (%s) of the built-in model", w.slot, mode)
+        pool.launch(inst, pool.cfg.worker_start_timeout)
+        pool.detach(inst.id, park=False)
+        w.kernel_warmup_s = time.perf_counter() - t0
+        logger.info("worker %d: kernel warm-up done in %.1fs (attach %.1fs)", w.slot,
+                    w.kernel_warmup_s, inst.phases.get("total", 0.0))
+    except Exception as e:  # noqa: BLE001 - a failed warm-up must not take the pool down
+        logger.error("worker %d: kernel warm-up failed, turning it off for this pool: %s",
+                     w.slot, e)
+        pool.cfg.kernel_warmup = "off"
+    finally:
+        with pool.lock:
+            if w.state == WorkerState.WARMING:
+                transition(w, WorkerState.IDLE, instance_id=None)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hmac
-import ipaddress
 import logging
 import os
 import shutil
@@ -14,12 +12,13 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from typing import Protocol
 
+from vllm_pool import access
 from vllm_pool.daemon import kernel_warmup
 
 logger = logging.getLogger("vllm_pool.daemon")
-
-API_KEY_ENV = "VLLM_POOL_API_KEY"
 
 
 def parse_gpus(spec: str) -> list[str]:
@@ -58,7 +57,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="control API address (loopback default)")
     p.add_argument("--port", type=int, default=8100, help="control API port")
     p.add_argument("--api-key", default=None,
-                   help=f"key required on every control call (or ${API_KEY_ENV}); "
+                   help=f"key required on every control call (or ${access.API_KEY_ENV}); "
                         "mandatory when --host is not a loopback address")
     p.add_argument("--engine-host", default="127.0.0.1", help="address attached engines bind")
     p.add_argument("--log-dir", default=None, help="worker and engine logs "
@@ -97,36 +96,23 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="GPU: CUDA-context memory (loaded kernels, library handles) a "
                         "detached worker may keep above its idle baseline for the next "
                         "attach; only process exit frees it; more: the worker is respawned")
-    add_gateway_args(p, models_required=False)
 
 
-def add_gateway_args(p: argparse.ArgumentParser, models_required: bool) -> None:
-    """The gateway's flags: of `serve --models` and of `vllm-pool gateway`."""
-    g = p.add_argument_group("gateway", "one OpenAI endpoint for the models of a models "
-                             "file, attached on demand (docs/gateway.md)")
-    g.add_argument("--models", default=None, metavar="MODELS_YAML", required=models_required,
-                   help="models file" + ("" if models_required else "; starts the gateway"))
-    g.add_argument("--gateway-host", default="127.0.0.1",
-                   help="gateway address (loopback default; otherwise --api-key is required, "
-                        "and the gateway checks `Authorization: Bearer <key>` as vLLM does)")
-    g.add_argument("--gateway-port", type=int, default=8000, help="gateway port")
-    g.add_argument("--gateway-max-queue", type=int, default=1024,
-                   help="requests that may wait for their model to be attached (over all "
-                        "models); more get 429")
-    g.add_argument("--gateway-queue-timeout", type=float, default=600.0,
-                   help="seconds a request may wait for its model; then 503")
+class Companion(Protocol):
+    """Something that runs beside the pool in the daemon's process (the gateway of
+    `serve --models`). The daemon knows only this: the CLI, above it, composes the two."""
+
+    def prepare(self, api_key: str | None, devices: list[str]) -> None:
+        """Check settings and take resources before the pool starts (SystemExit refuses)."""
+
+    def start(self, pool) -> None:
+        """The pool is ready."""
+
+    def stop(self) -> None:
+        """The daemon is stopping (also when `start` never ran)."""
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace, companions: Sequence[Companion] = ()) -> int:
     from vllm_pool.logs import configure_logging
 
     configure_logging("PoolDaemon")
@@ -136,10 +122,8 @@ def serve(args: argparse.Namespace) -> int:
         logger.info("vLLM %s (supported: %s)", compat.check_vllm_version(), compat.SUPPORTED_STR)
     except compat.UnsupportedVLLM as e:
         raise SystemExit(str(e)) from None
-    api_key = args.api_key or os.environ.get(API_KEY_ENV)
-    if not _is_loopback(args.host) and not api_key:
-        raise SystemExit(f"--host {args.host} is not loopback: an API key is required "
-                         f"(--api-key or ${API_KEY_ENV})")
+    api_key = access.api_key(args.api_key)
+    access.require_key_off_loopback(args.host, api_key, "--host")
     import uvicorn
 
     from vllm_pool.daemon.api import build_app
@@ -154,12 +138,15 @@ def serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"--cpu-slots must be 1..{os.cpu_count()}")
         devices = [f"cpu:{i}" for i in range(args.cpu_slots)]
         visible = None
-    gateway_entries = gateway_sock = None
-    if args.models:
-        from vllm_pool.gateway.server import bind, checked_entries
-
-        gateway_entries = checked_entries(args, api_key, devices)
-        gateway_sock = bind(args.gateway_host, args.gateway_port)
+    prepared: list[Companion] = []
+    try:
+        for c in companions:
+            c.prepare(api_key, devices)
+            prepared.append(c)
+    except BaseException:
+        for c in prepared:
+            c.stop()
+        raise
     from vllm_pool.daemon import state_file
 
     state_path = None if args.state_file == "none" else (
@@ -191,7 +178,6 @@ def serve(args: argparse.Namespace) -> int:
         _require_key(app, api_key)
     t0 = time.perf_counter()
     failed: list[str] = []
-    gateway = None
     logger.info("starting %d pool workers on %s (logs in %s)", len(devices),
                 f"GPUs {visible}" if visible else "CPU cores", log_dir)
     try:
@@ -202,19 +188,12 @@ def serve(args: argparse.Namespace) -> int:
         server = _Server(config)
 
         def announce():
-            nonlocal gateway
             try:
                 pool.wait_ready()
                 logger.info("pool ready: %d workers in %.1fs; control API at http://%s:%d",
                             len(devices), time.perf_counter() - t0, args.host, args.port)
-                if gateway_sock is not None:
-                    from vllm_pool.gateway.pool_view import LocalPool
-                    from vllm_pool.gateway.server import Gateway
-
-                    # After the workers are ready: the gateway's preloads attach at once.
-                    gateway = Gateway(LocalPool(pool), gateway_entries, gateway_sock, api_key,
-                                      args.gateway_max_queue, args.gateway_queue_timeout)
-                    gateway.start()
+                for c in prepared:
+                    c.start(pool)  # after the workers are ready: a gateway's preloads attach
             except RuntimeError as e:
                 # A pool that cannot start its workers (unsupported vLLM, no device) stops
                 # with the reason instead of serving a broken pool.
@@ -228,10 +207,8 @@ def serve(args: argparse.Namespace) -> int:
         # A second signal must not cut the clean-up short; each step has its own timeout.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if gateway is not None:
-            gateway.stop()
-        elif gateway_sock is not None:
-            gateway_sock.close()
+        for c in prepared:
+            c.stop()
         logger.info("stopping pool: detaching %d instances, stopping workers",
                     len(pool.instances))
         pool.shutdown()
@@ -261,11 +238,10 @@ def _server_class():
 def _require_key(app, key: str) -> None:
     from fastapi.responses import JSONResponse
 
-    expected = f"Bearer {key}".encode()
+    expected = access.bearer(key)
 
     @app.middleware("http")
     async def check_key(request, call_next):
-        got = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(got, expected):
+        if not access.authorized(request.headers.get("authorization", "").encode(), expected):
             return JSONResponse({"detail": "missing or wrong API key"}, status_code=401)
         return await call_next(request)

@@ -19,14 +19,16 @@ daemon that no longer holds its workers' command pipes and lease tokens.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
 
 import msgspec
+
+from vllm_pool.daemon import reclaim as cleanup
 
 logger = logging.getLogger("vllm_pool.daemon")
 
@@ -34,7 +36,7 @@ logger = logging.getLogger("vllm_pool.daemon")
 class ProcRecord(msgspec.Struct):
     pid: int
     start_time: int     # /proc/<pid>/stat field 22: tells a recycled PID apart
-    role: str           # "worker-<slot>", "engine-<instance id>", "spare"
+    role: str           # "worker-<slot>", "engine-<instance id>", "engine-forkserver"
 
 
 class InstanceRecord(msgspec.Struct):
@@ -123,16 +125,7 @@ def reclaim(path: str, timeout: float = 10.0) -> list[str]:
             same_process(p.pid, p.start_time) for p in survivors):
         time.sleep(0.05)
     for inst in rec.instances:
-        names = set(inst.shm_names)
-        for pattern in inst.shm_globs:
-            names.update(os.path.basename(p) for p in glob.glob(os.path.join("/dev/shm", pattern)))
-        removed = 0
-        for name in names:
-            try:
-                os.unlink(os.path.join("/dev/shm", name.lstrip("/")))
-                removed += 1
-            except OSError:
-                pass
+        removed = cleanup.remove(inst.shm_names, inst.shm_globs)
         if removed:
             done.append(f"removed {removed} shared-memory segments of instance {inst.name}")
     if rec.run_dir and os.path.isdir(rec.run_dir):
@@ -145,3 +138,37 @@ def reclaim(path: str, timeout: float = 10.0) -> list[str]:
 def default_path(control_port: int) -> str:
     base = os.path.join(os.path.expanduser("~"), ".cache", "vllm-pool")
     return os.path.join(base, f"pool-{control_port}.state.json")
+
+
+class StateWriter:
+    """Rewrites the state file whenever the snapshot changes: polled every 0.2 s, so every
+    change of a PID or an instance is on disk within that, without a hook on each path."""
+
+    def __init__(self, path: str, snapshot, stopping):
+        self.path = path
+        self._snapshot = snapshot
+        self._stopping = stopping
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="PoolStateWriter")
+        self._thread.start()
+
+    def _loop(self) -> None:
+        last = b""
+        while not self._stopping():
+            try:
+                rec = self._snapshot()
+                enc = msgspec.json.encode(rec)
+                if enc != last:
+                    save(self.path, rec)
+                    last = enc
+            except Exception:  # noqa: BLE001 - never let the writer die silently
+                logger.exception("could not write the pool state file %s", self.path)
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """After shutdown: everything recorded is stopped and removed, nothing is left for
+        a next daemon to do."""
+        self._thread.join(timeout=5)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

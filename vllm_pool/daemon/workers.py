@@ -1,4 +1,9 @@
-"""The daemon's side of one pool worker process: spawn, command, events, reap, respawn."""
+"""The daemon's side of one pool worker process: spawn, command, events, reap, respawn.
+
+The handle reads the worker's typed events and passes them to the pool, which decides the
+worker's state (states.transition): the process reports its own phase, the daemon owns
+the allocation states (RESERVED, WARMING, PARKED).
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,24 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Callable
 
 import msgspec
 
 from vllm_pool import messages
-from vllm_pool.states import WorkerState
+from vllm_pool.daemon.background import start_thread
+from vllm_pool.states import Stateful, WorkerState, transition
 
 logger = logging.getLogger("vllm_pool.daemon")
 
 
-class WorkerHandle:
+class WorkerHandle(Stateful):
     def __init__(self, slot: int, device: str, socket_path: str, authkey: str,
                  spawn_env: dict[str, str], on_event: Callable[["WorkerHandle", messages.Event], None],
                  on_exit: Callable[["WorkerHandle", int], None], log_path: str,
-                 memory_slack_mib: int = 256, context_memory_mib: int = 1024):
+                 memory_slack_mib: int = 256, context_memory_mib: int = 1024,
+                 extra: bool = False):
+        self._init_state(WorkerState.STARTING)
         self.slot = slot
         self.device = device
         self.socket_path = socket_path
@@ -34,26 +40,29 @@ class WorkerHandle:
         self.log_path = log_path
         self.memory_slack_mib = memory_slack_mib
         self.context_memory_mib = context_memory_mib
-        self.state = WorkerState.STARTING
+        # Started beside a parked worker on its device (not one of the pool's own devices'
+        # first workers): no kernel warm-up (its device runs a model), retired when its
+        # device has an idle worker again.
+        self.extra = extra
         self.instance_id: str | None = None
+        # What the process last reported of itself (messages.Event kind, lower case):
+        # "idle", "attaching", "serving", ... The allocation state is `state`.
+        self.phase = "starting"
         self.pid: int | None = None
         self.memory_bytes = 0
         self.baseline_bytes = 0
-        self.warmup_s = 0.0
-        self.kernel_warmup_s = 0.0         # the pool's warm-up attach on this process
+        self.start_s = 0.0                 # the process's start: imports, CUDA context
+        self.kernel_warmup_s = 0.0         # the pool's kernel warm-up attach on this process
         self.error: str | None = None
         self.shm_names: list[str] = []
         self.phases: dict[str, float] = {}
         self.restarts = -1
-        self.ever_idle = False             # since the last spawn: tells a crash loop apart
-        self.given_up = False              # failed to start; the pool does not respawn it
-        self.extra = False                 # started beside a parked worker on its device
-        self.retired = False               # stopped for good (an extra no longer needed)
         self.idle_rss = 0                  # host memory when idle: parked instances' cost
         self.proc: subprocess.Popen | None = None
         self._cmd_w = None
-        self._lock = threading.Lock()
-        self.changed = threading.Condition()
+
+    def label(self) -> str:
+        return f"worker {self.slot}"
 
     def spawn(self) -> None:
         if os.path.exists(self.socket_path):
@@ -75,26 +84,15 @@ class WorkerHandle:
         log.close()
         os.close(cmd_r)
         os.close(evt_w)
-        self._cmd_w = os.fdopen(cmd_w, "wb", buffering=0)
-        self.pid = self.proc.pid
-        self.restarts += 1
-        self.ever_idle = False
-        self.kernel_warmup_s = 0.0
-        self.set_state(WorkerState.STARTING, instance_id=None, error=None)
-        threading.Thread(target=self._read_events, args=(evt_r, self.proc), daemon=True,
-                         name=f"PoolWorkerEvents-{self.slot}").start()
-
-    def set_state(self, state: WorkerState, **kw) -> None:
-        if state == WorkerState.IDLE and self.state != WorkerState.IDLE:
-            from vllm_pool.daemon.parking import process_rss
-
-            self.idle_rss = process_rss(self.pid)
         with self.changed:
-            self.state = state
-            self.ever_idle = self.ever_idle or state == WorkerState.IDLE
-            for k, v in kw.items():
-                setattr(self, k, v)
-            self.changed.notify_all()
+            self._cmd_w = os.fdopen(cmd_w, "wb", buffering=0)
+        self.pid = self.proc.pid
+        self.phase = "starting"
+        self.restarts += 1
+        self.kernel_warmup_s = 0.0
+        if self.state != WorkerState.STARTING:  # a respawn
+            transition(self, WorkerState.STARTING, instance_id=None, error=None)
+        start_thread(f"PoolWorkerEvents-{self.slot}", self._read_events, evt_r, self.proc)
 
     def _read_events(self, fd: int, proc: subprocess.Popen) -> None:
         with os.fdopen(fd, "rb") as f:
@@ -103,35 +101,20 @@ class WorkerHandle:
                     ev = messages.decode_event(line)
                 except msgspec.DecodeError:
                     continue
-                self.set_state(ev.state, instance_id=ev.instance_id, memory_bytes=ev.memory_bytes,
-                          baseline_bytes=ev.baseline_bytes, warmup_s=ev.warmup_s,
-                          error=ev.error, **({"phases": ev.phases} if ev.phases else {}),
-                          **({"shm_names": ev.shm_names} if ev.shm_names else {}))
+                self.memory_bytes = ev.memory_bytes
                 self.on_event(self, ev)
         # EOF: the process is gone (or going). Reap it so no zombie stays.
         rc = proc.wait()
         if proc is self.proc:
-            self.set_state(WorkerState.FAILED if self.state != WorkerState.STOPPED else self.state,
-                      error=self.error or f"worker process exited with {rc}")
             self.on_exit(self, rc)
 
     def send(self, cmd: messages.Command) -> bool:
-        with self._lock:
+        with self.changed:
             try:
                 self._cmd_w.write(messages.encode(cmd))
                 return True
             except (BrokenPipeError, OSError, AttributeError):
                 return False
-
-    def wait_for(self, pred: Callable[["WorkerHandle"], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while not pred(self):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self.changed.wait(left)
-        return True
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -145,11 +128,13 @@ class WorkerHandle:
                 pass
 
     def stop(self, timeout: float = 20.0) -> None:
-        """Ask the worker to exit; kill it if it does not."""
+        """Stop the worker for good: it is STOPPED first, so its exit is not a crash."""
+        if self.state != WorkerState.STOPPED:
+            transition(self, WorkerState.STOPPED)
         if self.proc is None:
             return
         self.send(messages.Shutdown())
-        with self._lock:
+        with self.changed:
             if self._cmd_w is not None:
                 try:
                     self._cmd_w.close()
@@ -161,6 +146,5 @@ class WorkerHandle:
         except subprocess.TimeoutExpired:
             self.kill()
             self.proc.wait()
-        self.set_state(WorkerState.STOPPED)
         if os.path.exists(self.socket_path):
             os.unlink(self.socket_path)

@@ -15,12 +15,41 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from typing import Protocol
 
+from vllm_pool.api_models import InstanceInfo
+from vllm_pool.client import PoolClient, PoolError
 from vllm_pool.daemon import allocator
-from vllm_pool.daemon.pool import AttachError, Pool
+from vllm_pool.daemon.errors import AttachError
+from vllm_pool.daemon.pool import Pool
 from vllm_pool.gateway.models_file import ModelEntry
 from vllm_pool.states import InstanceState, WorkerState
+
+
+class ViewInstance(Protocol):
+    """What the router reads of an instance: the daemon's Instance, or an InstanceInfo."""
+    id: str
+    name: str
+    state: InstanceState
+    url: str
+    devices: list[str]
+    phases: dict[str, float]
+
+
+class PoolView(Protocol):
+    """What the router needs of a pool (LocalPool and RemotePool are the two)."""
+    parking: bool
+
+    @property
+    def down_reason(self) -> str | None: ...
+    def refresh(self) -> None: ...
+    def find(self, name: str) -> ViewInstance | None: ...
+    def serving(self, inst: ViewInstance) -> bool: ...
+    def attach(self, entry: ModelEntry, devices: list[str] | None,
+               timeout: float) -> ViewInstance: ...
+    def wake(self, inst: ViewInstance, entry: ModelEntry, timeout: float) -> ViewInstance: ...
+    def detach(self, instance_id: str, park: bool) -> None: ...
+    def workers(self) -> tuple[dict[int, str], set[int]]: ...
 
 
 def attach_body(entry: ModelEntry, devices: list[str] | None, timeout: float) -> dict:
@@ -73,34 +102,16 @@ class LocalPool:
                                              devices)
 
 
-@dataclass
-class RemoteInstance:
-    """What the control API says of an instance (its InstanceInfo), as the router uses it."""
-    id: str
-    name: str
-    state: InstanceState
-    url: str
-    devices: list[str] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, info: dict) -> RemoteInstance:
-        return cls(id=info["id"], name=info["name"], state=InstanceState(info["state"]),
-                   url=info["url"], devices=list(info.get("devices") or []),
-                   phases=dict(info.get("phases") or {}))
-
-
 class RemotePool:
     """A pool daemon reached through its control API (`vllm-pool gateway --pool URL`)."""
 
     def __init__(self, url: str, api_key: str | None = None, timeout: float = 30.0):
-        self.url = url.rstrip("/")
-        self.api_key = api_key
-        self.timeout = timeout
+        self.client = PoolClient(url, api_key, timeout)
+        self.url = self.client.url
         self.reachable = False
         self.parking = False
         self._lock = threading.Lock()
-        self._instances: dict[str, RemoteInstance] = {}
+        self._instances: dict[str, InstanceInfo] = {}
         self._devices: dict[int, str] = {}
         self._states: dict[int, WorkerState] = {}
         self.last_error: str | None = None
@@ -110,13 +121,10 @@ class RemotePool:
         # A stopping pool answers 503, so the last refresh failed too.
         return None if self.reachable else f"the pool does not answer: {self.last_error}"
 
-    def _call(self, method: str, path: str, body: dict | None = None,
-              timeout: float | None = None):
-        from vllm_pool.cli import PoolError, request
-
+    def _call(self, fn, *args, **kw):
+        """A client call; the pool's refusal or absence as the AttachError the router takes."""
         try:
-            return request(self.url, method, path, body, timeout or self.timeout,
-                           key=self.api_key)
+            return fn(*args, **kw)
         except PoolError as e:
             raise AttachError(str(e), e.status or 503) from None
 
@@ -127,7 +135,7 @@ class RemotePool:
         deadline = time.monotonic() + wait
         while True:
             try:
-                self.parking = bool(self._call("GET", "/health").get("parking", False))
+                self.parking = self._call(self.client.health).parking
                 break
             except AttachError:
                 if time.monotonic() >= deadline:
@@ -140,51 +148,46 @@ class RemotePool:
 
     def refresh(self) -> None:
         try:
-            insts = self._call("GET", "/instances")
-            workers = self._call("GET", "/workers")
+            insts = self._call(self.client.instances)
+            workers = self._call(self.client.workers)
         except AttachError as e:
             self.reachable, self.last_error = False, str(e)
             return
         with self._lock:
-            self._instances = {i["id"]: RemoteInstance.of(i) for i in insts}
-            self._devices = {w["slot"]: w["device"] for w in workers}
+            self._instances = {i.id: i for i in insts}
+            self._devices = {w.slot: w.device for w in workers}
             # As the pool's allocator sees them: a warming worker is not free yet.
-            self._states = {w["slot"]: WorkerState.STARTING if w["state"] == "warming"
-                            else WorkerState(w["state"]) for w in workers}
+            self._states = {w.slot: WorkerState.STARTING if w.state == WorkerState.WARMING
+                            else w.state for w in workers}
         self.reachable, self.last_error = True, None
 
-    def _put(self, info: dict) -> RemoteInstance:
-        inst = RemoteInstance.of(info)
+    def _put(self, inst: InstanceInfo) -> InstanceInfo:
         with self._lock:
             self._instances[inst.id] = inst
         return inst
 
-    def find(self, name: str) -> RemoteInstance | None:
+    def find(self, name: str) -> InstanceInfo | None:
         with self._lock:
             return next((i for i in self._instances.values() if i.name == name), None)
 
-    def serving(self, inst: RemoteInstance) -> bool:
+    def serving(self, inst: InstanceInfo) -> bool:
         cur = self._instances.get(inst.id)
         return cur is not None and cur.state == InstanceState.SERVING
 
     def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
-        info = self._call("POST", "/instances", attach_body(entry, devices, timeout),
-                          timeout=timeout + 60)
-        inst = self._put(info)
+        inst = self._put(self._call(self.client.attach, attach_body(entry, devices, timeout),
+                                    timeout=timeout + 60))
         self.refresh()  # the workers it took
         return inst
 
-    def wake(self, inst: RemoteInstance, entry: ModelEntry, timeout: float):
-        info = self._call("POST", f"/instances/{inst.id}/wake?timeout_s={timeout}",
-                          timeout=timeout + 60)
-        woken = self._put(info)
+    def wake(self, inst: InstanceInfo, entry: ModelEntry, timeout: float):
+        woken = self._put(self._call(self.client.wake, inst.id, timeout))
         self.refresh()
         return woken
 
     def detach(self, instance_id: str, park: bool) -> None:
         try:
-            self._call("DELETE", f"/instances/{instance_id}?park={str(park).lower()}",
-                       timeout=600)
+            self._call(self.client.detach, instance_id, park)
         except AttachError as e:
             if e.status == 404:
                 raise KeyError(instance_id) from None

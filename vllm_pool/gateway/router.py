@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm_pool.daemon.pool import AttachError
+from vllm_pool.daemon.errors import AttachError
 from vllm_pool.gateway.metrics import GatewayMetrics
 from vllm_pool.gateway.models_file import ModelEntry
 from vllm_pool.states import InstanceState

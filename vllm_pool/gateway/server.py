@@ -3,30 +3,46 @@ process (`serve --models`) or of its own process (`vllm-pool gateway`)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import socket
 import threading
 
+from vllm_pool import access
 from vllm_pool.gateway.models_file import ModelEntry
 
 logger = logging.getLogger("vllm_pool.gateway")
+
+
+def add_gateway_args(p: argparse.ArgumentParser, models_required: bool) -> None:
+    """The gateway's flags: of `serve --models` and of `vllm-pool gateway`."""
+    g = p.add_argument_group("gateway", "one OpenAI endpoint for the models of a models "
+                             "file, attached on demand (docs/gateway.md)")
+    g.add_argument("--models", default=None, metavar="MODELS_YAML", required=models_required,
+                   help="models file" + ("" if models_required else "; starts the gateway"))
+    g.add_argument("--gateway-host", default="127.0.0.1",
+                   help="gateway address (loopback default; otherwise --api-key is required, "
+                        "and the gateway checks `Authorization: Bearer <key>` as vLLM does)")
+    g.add_argument("--gateway-port", type=int, default=8000, help="gateway port")
+    g.add_argument("--gateway-max-queue", type=int, default=1024,
+                   help="requests that may wait for their model to be attached (over all "
+                        "models); more get 429")
+    g.add_argument("--gateway-queue-timeout", type=float, default=600.0,
+                   help="seconds a request may wait for its model; then 503")
 
 
 def checked_entries(args, api_key: str | None, devices: list[str]) -> list[ModelEntry]:
     """The models file of `serve --models` or `vllm-pool gateway`, checked whole against
     the pool's devices before the gateway starts; otherwise SystemExit naming the entry and
     field. Off loopback the gateway needs a key."""
-    from vllm_pool.daemon.pool import _check_args
-    from vllm_pool.daemon.server import API_KEY_ENV, _is_loopback
+    from vllm_pool.daemon.arg_policy import check_args
     from vllm_pool.gateway import models_file
 
-    if not _is_loopback(args.gateway_host) and not api_key:
-        raise SystemExit(f"--gateway-host {args.gateway_host} is not loopback: an API key is "
-                         f"required (--api-key or ${API_KEY_ENV})")
+    access.require_key_off_loopback(args.gateway_host, api_key, "--gateway-host")
     try:
         entries = models_file.load(args.models)
-        models_file.check_against_pool(entries, devices, args.models, _check_args)
+        models_file.check_against_pool(entries, devices, args.models, check_args)
     except models_file.ModelsFileError as e:
         raise SystemExit(f"models file refused: {e}") from None
     return entries
@@ -97,3 +113,34 @@ class Gateway:
         if self.thread.is_alive():
             self.thread.join(timeout)
         self.sock.close()
+
+
+class EmbeddedGateway:
+    """The gateway of `serve --models`, in the daemon's process beside its pool (a
+    daemon.server.Companion): the models file is checked and the port bound before the
+    pool starts, so a bad file or a taken port stops the daemon at once."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.sock: socket.socket | None = None
+        self.gateway: Gateway | None = None
+        self.entries: list[ModelEntry] = []
+        self.api_key: str | None = None
+
+    def prepare(self, api_key: str | None, devices: list[str]) -> None:
+        self.api_key = api_key
+        self.entries = checked_entries(self.args, api_key, devices)
+        self.sock = bind(self.args.gateway_host, self.args.gateway_port)
+
+    def start(self, pool) -> None:
+        from vllm_pool.gateway.pool_view import LocalPool
+
+        self.gateway = Gateway(LocalPool(pool), self.entries, self.sock, self.api_key,
+                               self.args.gateway_max_queue, self.args.gateway_queue_timeout)
+        self.gateway.start()
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+        elif self.sock is not None:
+            self.sock.close()

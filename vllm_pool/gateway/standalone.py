@@ -22,13 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from vllm_pool.logs import configure_logging
 
     configure_logging("PoolGateway")
-    from vllm_pool.daemon.pool import AttachError
-    from vllm_pool.daemon.server import API_KEY_ENV
+    from vllm_pool import access
+    from vllm_pool.daemon.errors import AttachError
     from vllm_pool.gateway.pool_view import RemotePool
     from vllm_pool.gateway.server import Gateway, bind, checked_entries
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV)
-    pool = RemotePool(args.pool, os.environ.get(API_KEY_ENV))
+    api_key = access.api_key(args.api_key)
+    # The pool's key is the environment's: --api-key is what the gateway's clients send.
+    pool = RemotePool(args.pool, os.environ.get(access.API_KEY_ENV))
     try:
         pool.start(args.pool_wait)
     except AttachError as e:

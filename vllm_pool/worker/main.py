@@ -70,19 +70,20 @@ class PoolWorker:
         self.stopping = False
         self.device = None
         self.baseline = None  # reset.IdleBaseline, measured after warm-up
-        self.warmup_s = 0.0
+        self.start_s = 0.0
         self.slack = int(args.memory_slack_mib) * 2**20
         self.context_allowance = int(args.context_memory_mib) * 2**20
 
     # ---- events ---------------------------------------------------------------
-    def emit(self, state, **kw) -> None:
+    def emit(self, kind, **kw) -> None:
+        """Report this process's phase (a messages.Event class) with its memory in use."""
         from vllm_pool import messages
         from vllm_pool.worker.reset import memory_in_use
 
-        ev = messages.StateChanged(state=state, pid=os.getpid(),
-                                   memory_bytes=memory_in_use(self.device),
-                                   baseline_bytes=self.baseline.device_bytes if self.baseline else 0,
-                                   warmup_s=self.warmup_s, **kw)
+        if kind is messages.Idle:
+            kw.update(baseline_bytes=self.baseline.device_bytes if self.baseline else 0,
+                      start_s=self.start_s)
+        ev = kind(pid=os.getpid(), memory_bytes=memory_in_use(self.device), **kw)
         with self.evt_lock:
             try:
                 self.evt.write(messages.encode(ev))
@@ -90,7 +91,7 @@ class PoolWorker:
                 os._exit(0)  # the daemon is gone
 
     # ---- start-up --------------------------------------------------------------
-    def warm_up(self) -> None:
+    def start_up(self) -> None:
         import torch
 
         from vllm_pool import compat
@@ -126,7 +127,7 @@ class PoolWorker:
         if err:
             raise RuntimeError(err)
         freeze_idle_heap()
-        self.warmup_s = time.perf_counter() - _T_START
+        self.start_s = time.perf_counter() - _T_START
 
     # ---- daemon commands ---------------------------------------------------------
     def command_loop(self) -> None:
@@ -172,9 +173,9 @@ class PoolWorker:
         if not s.ready:
             # vLLM's worker construction (distributed init, load) cannot be interrupted:
             # a half-built worker is not trusted again. The daemon respawns this slot.
-            from vllm_pool.states import WorkerState
+            from vllm_pool import messages
 
-            self.emit(WorkerState.FAILED, instance_id=s.instance_id,
+            self.emit(messages.Failed, instance_id=s.instance_id,
                       error=f"attach interrupted ({reason})")
             os._exit(1)
         s.end(reason)
@@ -199,11 +200,11 @@ class PoolWorker:
 
         import torch
 
-        from vllm_pool.states import WorkerState
+        from vllm_pool import messages
         from vllm_pool.worker.reset import (IdleBaseline, clean_check, freeze_idle_heap,
                                             memory_in_use, torch_reserved)
 
-        warmup = self.lease is not None and self.lease.warmup
+        kernel_warmup = self.lease is not None and self.lease.kernel_warmup
         instance_id = self._attach_session(conn)
         if instance_id is None:
             return
@@ -218,7 +219,7 @@ class PoolWorker:
             logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned\n%s",
                          self.slot, instance_id, dirty,
                          describe_live_objects(self.device, self.baseline.live))
-            self.emit(WorkerState.FAILED, instance_id=instance_id,
+            self.emit(messages.Failed, instance_id=instance_id,
                       error=f"unclean after detach: {dirty}")
             os._exit(1)
         over = (memory_in_use(self.device) - self.baseline.device_bytes) / 2**20
@@ -230,7 +231,7 @@ class PoolWorker:
         else:
             logger.info("worker %d clean after detach of %s: RSS %+.0f MiB over idle",
                         self.slot, instance_id, over)
-        if warmup:
+        if kernel_warmup:
             # The pool's kernel warm-up attach: what it leaves loaded (kernel modules, the
             # Triton and cuBLAS state) is this process's idle footprint from now on, and
             # later detaches are measured against it.
@@ -240,14 +241,13 @@ class PoolWorker:
                         "%.0f MiB)", self.slot, self.baseline.device_bytes / 2**20,
                         before / 2**20)
         freeze_idle_heap(collect=False)  # collected just before the clean check
-        self.emit(WorkerState.IDLE)
+        self.emit(messages.Idle)
 
     def _attach_session(self, conn: Connection) -> str | None:
         """Build vLLM's worker, serve the engine until it detaches, tear down.
         Returns the instance id, or None when the request was refused."""
-        from vllm_pool import compat
+        from vllm_pool import compat, messages
         from vllm_pool.messages import AttachReply, AttachRequest
-        from vllm_pool.states import WorkerState
         from vllm_pool.worker.proc import PoolWorkerProc
         from vllm_pool.worker.reset import ProcessSnapshot, teardown
 
@@ -265,7 +265,7 @@ class PoolWorker:
         self.session = s
         phases: dict[str, float] = {}
         shm = compat.shm_names_of_handle(req.input_shm_handle)
-        self.emit(WorkerState.ATTACHING, instance_id=s.instance_id, shm_names=shm)
+        self.emit(messages.Attaching, instance_id=s.instance_id, shm_names=shm)
         snap = ProcessSnapshot.take()
         snap.remember_worker_class(req.vllm_config)
         os.environ.update(req.env)
@@ -274,7 +274,7 @@ class PoolWorker:
                          name="PoolAttachWatch").start()
 
         def init_done():
-            self.emit(WorkerState.SERVING, instance_id=s.instance_id, phases=dict(phases),
+            self.emit(messages.Serving, instance_id=s.instance_id, phases=dict(phases),
                       shm_names=shm, dist_ident=os.environ.get("VLLM_DIST_IDENT"))
 
         proc = None
@@ -289,7 +289,7 @@ class PoolWorker:
                                   response_handle=proc.worker_response_mq.export_handle(),
                                   peer_response_handles=proc.peer_response_handles,
                                   phases=dict(phases)))
-            self.emit(WorkerState.ATTACHING, instance_id=s.instance_id, shm_names=shm)
+            self.emit(messages.Attaching, instance_id=s.instance_id, shm_names=shm)
             # Same order as vLLM's worker_main; the executor waits in the same order.
             if not s.ended.is_set():
                 proc.rpc_broadcast_mq.wait_until_ready()
@@ -308,7 +308,7 @@ class PoolWorker:
                     pass
         finally:
             s.ready = True  # from here on, an abort just waits for this teardown
-            self.emit(WorkerState.DETACHING, instance_id=s.instance_id, error=error)
+            self.emit(messages.Detaching, instance_id=s.instance_id, error=error)
             with s.lock:
                 s.proc = None
             teardown(proc, snap)
@@ -324,13 +324,13 @@ class PoolWorker:
         return s.instance_id
 
     def run(self) -> None:
-        from vllm_pool.states import WorkerState
+        from vllm_pool import messages
 
         listener = Listener(self.socket_path, family="AF_UNIX", authkey=self.authkey)
         os.chmod(self.socket_path, 0o600)
         threading.Thread(target=self.command_loop, daemon=True, name="PoolCommands").start()
-        self.emit(WorkerState.IDLE)
-        logger.info("pool worker %d ready on %s in %.1fs", self.slot, self.device, self.warmup_s)
+        self.emit(messages.Idle)
+        logger.info("pool worker %d ready on %s in %.1fs", self.slot, self.device, self.start_s)
         while not self.stopping:
             try:
                 conn = listener.accept()
@@ -346,7 +346,7 @@ class PoolWorker:
                 logger.exception("attach handling failed")
                 os._exit(1)
         listener.close()
-        self.emit(WorkerState.STOPPED)
+        self.emit(messages.Stopped)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,11 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(f"PoolWorker{args.slot}")
     w = PoolWorker(args)
     try:
-        w.warm_up()
+        w.start_up()
     except Exception as e:
-        from vllm_pool.states import WorkerState
+        from vllm_pool import messages
 
-        w.emit(WorkerState.FAILED, error=f"warm-up failed: {e}")
+        w.emit(messages.Failed, error=f"start-up failed: {e}")
         sys.exit(1)
     w.run()
 

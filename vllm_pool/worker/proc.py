@@ -84,11 +84,11 @@ class PoolWorkerProc(WorkerProc):
         runner = getattr(inner, "model_runner", None)
         if runner is not None:
             timed(runner, "capture_model", "graph_capture")
-        timed(wrapper, "compile_or_warm_up_model", "warmup", after=self._init_done)
+        timed(wrapper, "compile_or_warm_up_model", "model_warmup", after=self._init_done)
 
     def _init_done(self) -> None:
         # compile_or_warm_up_model is the engine's last start-up RPC.
-        self.phases["warmup"] -= self.phases.get("graph_capture", 0.0)
+        self.phases["model_warmup"] -= self.phases.get("graph_capture", 0.0)
         cc = getattr(self.worker.vllm_config, "compilation_config", None)
         self.phases["compile"] = float(getattr(cc, "compilation_time", 0.0) or 0.0)
         compat.start_host_copy_for_parking(self.worker.vllm_config, self.worker.device

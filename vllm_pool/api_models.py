@@ -1,0 +1,70 @@
+"""The control API's messages (pydantic): what crosses HTTP between the pool daemon and its
+clients (the CLI, the standalone gateway, benchmarks, tests). The daemon builds replies
+with them, and `client.py` validates what it reads with the same models."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from vllm_pool.states import InstanceState, WorkerState
+
+
+class AttachBody(BaseModel):
+    model: str = Field(min_length=1, max_length=4096, description="model path or name")
+    tp: int = Field(1, ge=1, le=64, description="tensor parallel size")
+    pp: int = Field(1, ge=1, le=64, description="pipeline parallel size")
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    port: int | None = Field(None, ge=1024, le=65535)
+    devices: list[str] | None = Field(None, description="pin to these devices, rank order")
+    args: list[str] = Field(default_factory=list, max_length=256,
+                            description="any other `vllm serve` arguments")
+    env: dict[str, str] = Field(default_factory=dict, max_length=128,
+                                description="extra environment for this engine (VLLM_* etc.)")
+    timeout_s: float = Field(900.0, gt=0, le=7200)
+
+
+class InstanceInfo(BaseModel):
+    id: str
+    name: str
+    model: str
+    tp: int
+    pp: int
+    port: int
+    url: str
+    state: InstanceState
+    workers: list[int]
+    devices: list[str]
+    args: list[str]
+    engine_pid: int | None
+    engine_host: str
+    created_at: float
+    uptime_s: float | None
+    phases: dict[str, float]
+    error: str | None
+    parked_at: float | None = None
+    host_bytes: int = Field(0, description="parked: host memory it holds (RSS over idle)")
+    woken: bool = Field(False, description="the last attach request woke it from parking")
+
+
+class WorkerInfo(BaseModel):
+    slot: int
+    device: str
+    state: WorkerState
+    pid: int | None
+    instance_id: str | None
+    memory_bytes: int
+    baseline_bytes: int
+    start_s: float = Field(description="the process's start: imports and CUDA context")
+    kernel_warmup_s: float = Field(description="the pool's kernel warm-up attach on it")
+    restarts: int
+    error: str | None
+
+
+class Health(BaseModel):
+    status: str
+    workers: int
+    idle: int
+    instances: int
+    engine_hosts_ready: bool = Field(description="an attach gets a forked engine host at once "
+                                     "(the pool's engine fork server is warm)")
+    parking: bool = Field(False, description="started with --enable-parking")
