@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 SUPPORTED = ((0, 26), (0, 32))
@@ -565,25 +566,24 @@ def fork_registry_inspection() -> None:
     registry._run_in_subprocess = run_in_fork
 
 
-def register_sleep_backend() -> bool:
-    """Register the pool's level-1 sleep backend (`worker/sleep_backend.py`) in vLLM's
-    sleep-mode registry, the hook vLLM offers plugins (0.26+). In the worker process, where
-    vLLM resolves the backend at the first sleep. False where vLLM has no registry."""
+def register_sleep_backend(name: str, module: str, cls_name: str) -> bool:
+    """Register the pool's level-1 sleep backend (`worker/sleep_backend.py`: its name,
+    module and class) in vLLM's sleep-mode registry, the hook vLLM offers plugins (0.26+).
+    In the worker process, where vLLM resolves the backend at the first sleep. False where
+    vLLM has no registry."""
     try:
         from vllm.device_allocator.sleep_mode_backend import SleepModeBackendFactory
-        from vllm_pool.worker import sleep_backend
     except ImportError:
         return False
-    if sleep_backend.NAME not in SleepModeBackendFactory._registry:
-        SleepModeBackendFactory.register_backend(
-            sleep_backend.NAME, sleep_backend.__name__, sleep_backend.KeptCopyBackend.__name__)
+    if name not in SleepModeBackendFactory._registry:
+        SleepModeBackendFactory.register_backend(name, module, cls_name)
     return True
 
 
-def choose_sleep_backend(vllm_config: Any) -> str | None:
+def choose_sleep_backend(vllm_config: Any, name: str) -> str | None:
     """Engine side, before the workers get the config: an engine that can sleep parks with
-    the kept-copy backend where its weights stay read-only (no LoRA, no calculated KV
-    scales) and the user left vLLM's default. Set here rather than in the worker so that
+    the kept-copy backend (`name`) where its weights stay read-only (no LoRA, no calculated
+    KV scales) and the user left vLLM's default. Set here rather than in the worker so that
     engine and workers hash the same config. Returns the backend chosen, or None."""
     mc = getattr(vllm_config, "model_config", None)
     if (mc is None or not getattr(mc, "enable_sleep_mode", False)
@@ -592,24 +592,21 @@ def choose_sleep_backend(vllm_config: Any) -> str | None:
             or getattr(getattr(vllm_config, "cache_config", None), "calculate_kv_scales",
                        False)):
         return None
-    from vllm_pool.worker import sleep_backend
-
-    mc.sleep_mode_backend = sleep_backend.NAME
-    return sleep_backend.NAME
+    mc.sleep_mode_backend = name
+    return name
 
 
-def start_host_copy_for_parking(vllm_config: Any, device: Any) -> None:
-    """Worker side, once the engine is ready: where the kept-copy backend was chosen, start
-    the weights' host copy in the background (`worker/sleep_backend.py`). Never raises: a
-    failed copy only means the first park copies, as vLLM does."""
+def start_host_copy_for_parking(vllm_config: Any, device: Any, name: str,
+                                start: Callable[[Any], None]) -> None:
+    """Worker side, once the engine is ready: where the kept-copy backend (`name`) was
+    chosen, start the weights' host copy in the background (`start(device)`). Never raises:
+    a failed copy only means the first park copies, as vLLM does."""
     mc = getattr(vllm_config, "model_config", None)
     if not getattr(mc, "enable_sleep_mode", False) or device is None:
         return
     try:
-        from vllm_pool.worker import sleep_backend
-
-        if mc.sleep_mode_backend == sleep_backend.NAME:
-            sleep_backend.start_host_copy(device)
+        if mc.sleep_mode_backend == name:
+            start(device)
     except Exception as e:  # noqa: BLE001
         import logging
 

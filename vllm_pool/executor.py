@@ -86,7 +86,8 @@ class PoolExecutor(MultiprocExecutor):
         self.rpc_broadcast_mq = compat.make_broadcast_mq(
             self.world_size, self.local_world_size, self.parallel_config)
         handle = self.rpc_broadcast_mq.export_handle()
-        if compat.choose_sleep_backend(self.vllm_config):
+        if _kept_copy_backend() and compat.choose_sleep_backend(self.vllm_config,
+                                                                 _kept_copy_backend()):
             logger.info("park copies weights to host memory once (%s)",
                         self.vllm_config.model_config.sleep_mode_backend)
         env = forwarded_env()
@@ -189,3 +190,12 @@ def _close(conn: Connection) -> None:
         conn.close()
     except Exception:
         pass
+
+
+def _kept_copy_backend() -> str | None:
+    """The pool's sleep backend's name, where this vLLM has the sleep-mode registry."""
+    try:
+        from vllm_pool.worker import sleep_backend
+    except ImportError:
+        return None
+    return sleep_backend.NAME

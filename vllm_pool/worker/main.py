@@ -117,7 +117,13 @@ class PoolWorker:
         except Exception:
             pass
         compat.time_warmup_parts()
-        compat.register_sleep_backend()
+        try:
+            from vllm_pool.worker import sleep_backend
+        except ImportError:  # no sleep-mode registry in this vLLM: vLLM's own sleep
+            pass
+        else:
+            compat.register_sleep_backend(sleep_backend.NAME, sleep_backend.__name__,
+                                          sleep_backend.KeptCopyBackend.__name__)
         for part, secs in compat.prepay_once_per_process(self.device).items():
             logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
         from vllm_pool.worker.reset import IdleBaseline, clean_check, freeze_idle_heap

@@ -8,6 +8,7 @@ the whole model runner alive after detach.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -91,8 +92,12 @@ class PoolWorkerProc(WorkerProc):
         self.phases["model_warmup"] -= self.phases.get("graph_capture", 0.0)
         cc = getattr(self.worker.vllm_config, "compilation_config", None)
         self.phases["compile"] = float(getattr(cc, "compilation_time", 0.0) or 0.0)
-        compat.start_host_copy_for_parking(self.worker.vllm_config, self.worker.device
-                                           if hasattr(self.worker, "device") else None)
+        if "vllm_pool.worker.sleep_backend" in sys.modules:  # registered at the worker's start
+            from vllm_pool.worker import sleep_backend
+
+            compat.start_host_copy_for_parking(
+                self.worker.vllm_config, getattr(self.worker, "device", None),
+                sleep_backend.NAME, sleep_backend.start_host_copy)
         if self._on_init_done is not None:
             self._on_init_done()
 
