@@ -83,7 +83,8 @@ TRANSITIONS: dict[type, dict[enum.Enum, frozenset]] = {
             _I.DETACHED: set(),
         },
         HostState: {
-            _H.STARTING: {_H.READY, _H.EXITED},
+            # A fresh host may get its order while it imports: it runs it when done.
+            _H.STARTING: {_H.READY, _H.RUNNING, _H.EXITED},
             _H.READY: {_H.RUNNING, _H.EXITED},
             _H.RUNNING: {_H.EXITED},
             _H.EXITED: set(),

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 
 from vllm_pool import messages
+from vllm_pool.states import HostState, Stateful, transition
 
 EXECUTOR = "vllm_pool.executor.PoolExecutor"
 
@@ -31,7 +32,7 @@ def engine_argv(model: str, host: str, port: int, tp: int, pp: int, extra: list[
     return argv + list(extra) + ["--distributed-executor-backend", EXECUTOR]
 
 
-class EngineProcess:
+class EngineProcess(Stateful):
     """One engine host: a process that runs vLLM's API server once it gets its order.
 
     Two kinds share this interface: `SpawnedHost`, a fresh interpreter (for an attach that
@@ -44,12 +45,20 @@ class EngineProcess:
     kind: str = ""
     _cmd_w: int | None = None
 
+    def label(self) -> str:
+        return f"{self.kind} engine host {self.pid}"
+
     def start(self, argv: list[str], env: dict[str, str]) -> None:
         """Hand the host its engine: vLLM serve arguments and the full environment."""
         env = dict(env)
         # EngineCore forks from this warm process instead of spawning a fresh interpreter.
         env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "fork")
+        transition(self, HostState.RUNNING, [HostState.STARTING, HostState.READY])
         os.write(self._cmd_w, (json.dumps({"argv": argv, "env": env}) + "\n").encode())
+
+    def _exited(self) -> None:
+        if self.state != HostState.EXITED:
+            transition(self, HostState.EXITED)
 
     def alive(self) -> bool:
         raise NotImplementedError
@@ -93,6 +102,7 @@ class SpawnedHost(EngineProcess):
     kind = "fresh"
 
     def __init__(self, base_env: dict[str, str], log_path: str):
+        self._init_state(HostState.STARTING)  # importing; takes its order when done
         self.log_path = log_path
         cmd_r, self._cmd_w = os.pipe()
         log = open(log_path, "ab")
@@ -109,9 +119,11 @@ class SpawnedHost(EngineProcess):
 
     def wait(self, timeout: float | None = None) -> int | None:
         try:
-            return self.proc.wait(timeout)
+            rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
+        self._exited()
+        return rc
 
 
 class ForkedHost(EngineProcess):
@@ -121,11 +133,12 @@ class ForkedHost(EngineProcess):
     kind = "forked"
 
     def __init__(self, pid: int, cmd_w: int, log_path: str):
+        self._init_state(HostState.READY)  # forked from a warm server: ready at once
         self.pid = pid
         self._cmd_w = cmd_w
         self.log_path = log_path
         self.returncode: int | None = None
-        self._exited = threading.Event()
+        self._exit_reported = threading.Event()
         try:
             self._pidfd: int | None = os.pidfd_open(pid)
         except OSError:  # already gone and reaped: its exit report follows
@@ -133,10 +146,10 @@ class ForkedHost(EngineProcess):
 
     def _set_exit(self, rc: int) -> None:
         self.returncode = rc
-        self._exited.set()
+        self._exit_reported.set()
 
     def alive(self) -> bool:
-        if self._exited.is_set():
+        if self._exit_reported.is_set():
             return False
         if self._pidfd is None:
             return False
@@ -144,25 +157,28 @@ class ForkedHost(EngineProcess):
         return not r
 
     def wait(self, timeout: float | None = None) -> int | None:
-        if self._pidfd is not None and not self._exited.is_set():
+        if self._pidfd is not None and not self._exit_reported.is_set():
             r, _, _ = select.select([self._pidfd], [], [], timeout)
             if not r:
                 return None
         # Exited; its code comes from the server a moment later (None: server gone too).
-        self._exited.wait(5.0)
+        self._exit_reported.wait(5.0)
+        self._exited()
         if self._pidfd is not None:
             try:
                 os.close(self._pidfd)
             except OSError:
                 pass
             self._pidfd = None
-        return self.returncode if self._exited.is_set() else -1
+        return self.returncode if self._exit_reported.is_set() else -1
 
 
-class ForkServer:
-    """The daemon's side of the engine fork server (forkserver.py): start it, fork hosts."""
+class ForkServer(Stateful):
+    """The daemon's side of the engine fork server (forkserver.py): start it, fork hosts.
+    STARTING while it imports, READY once it can fork, EXITED when it is gone."""
 
     def __init__(self, base_env: dict[str, str], log_path: str):
+        self._init_state(HostState.STARTING)
         self.log_path = log_path
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         log = open(log_path, "ab")
@@ -177,7 +193,6 @@ class ForkServer:
         self._sock = ours
         self._lock = threading.Lock()           # one fork request at a time
         self._seq = 0
-        self._ready = threading.Event()
         self._forked: dict[int, int] = {}       # seq -> pid
         self._replied = threading.Condition()
         self._hosts: dict[int, ForkedHost] = {}
@@ -195,7 +210,7 @@ class ForkServer:
                 break
             msg = messages.decode_fork_reply(data.rstrip(b"\n"))
             if isinstance(msg, messages.ServerReady):
-                self._ready.set()
+                transition(self, HostState.READY, [HostState.STARTING])
             elif isinstance(msg, messages.Forked):
                 with self._replied:
                     self._forked[msg.seq] = msg.pid
@@ -208,11 +223,16 @@ class ForkServer:
                 if host is not None:
                     host._set_exit(msg.returncode)
         self.proc.wait()  # reap; its hosts' exits are no longer reported
+        transition(self, HostState.EXITED)
         with self._replied:
             self._replied.notify_all()
 
+    def label(self) -> str:
+        return f"engine fork server {self.pid}"
+
     def ready(self, timeout: float = 0.0) -> bool:
-        return self._ready.wait(timeout) and self.alive()
+        self.wait_for(lambda s: s.state != HostState.STARTING, timeout)
+        return self.state == HostState.READY and self.alive()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
