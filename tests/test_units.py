@@ -202,7 +202,8 @@ def test_sleep_backend_chosen_only_where_weights_stay_read_only():
     from vllm_pool import compat
     from vllm_pool.worker import sleep_backend
 
-    assert compat.register_sleep_backend() and compat.register_sleep_backend()  # idempotent
+    reg = (sleep_backend.NAME, sleep_backend.__name__, sleep_backend.KeptCopyBackend.__name__)
+    assert compat.register_sleep_backend(*reg) and compat.register_sleep_backend(*reg)  # idempotent
     assert SleepModeBackendFactory.get_backend_class(sleep_backend.NAME) \
         is sleep_backend.KeptCopyBackend
 
@@ -211,12 +212,12 @@ def test_sleep_backend_chosen_only_where_weights_stay_read_only():
                   lora_config=lora, cache_config=NS(calculate_kv_scales=kv_scales))
 
     c = cfg()
-    assert compat.choose_sleep_backend(c) == sleep_backend.NAME
+    assert compat.choose_sleep_backend(c, sleep_backend.NAME) == sleep_backend.NAME
     assert c.model_config.sleep_mode_backend == sleep_backend.NAME
     for c in (cfg(sleep=False), cfg(backend="other"), cfg(lora=object()),
               cfg(kv_scales=True)):
         before = c.model_config.sleep_mode_backend
-        assert compat.choose_sleep_backend(c) is None
+        assert compat.choose_sleep_backend(c, sleep_backend.NAME) is None
         assert c.model_config.sleep_mode_backend == before
 
 

@@ -1,4 +1,4 @@
-"""Engine hosts: which process an attach's engine runs in.
+"""Engine hosts: which process an attach's engine runs in, and what it is told.
 
 The pool keeps one engine fork server (engine/forkserver.py): vLLM imported, no CUDA
 context. Each attach gets a host forked from it in milliseconds, so back-to-back attaches
@@ -16,7 +16,9 @@ import threading
 import uuid
 from collections.abc import Callable
 
-from vllm_pool.engine.launch import EngineProcess, ForkServer, SpawnedHost
+from vllm_pool import compat, messages
+from vllm_pool.daemon import parking
+from vllm_pool.engine.launch import EngineProcess, ForkServer, SpawnedHost, engine_argv
 
 logger = logging.getLogger("vllm_pool.daemon")
 
@@ -99,3 +101,30 @@ class EngineHosts:
             server, self._server = self._server, None
         if server is not None:
             server.stop()
+
+
+def engine_order(pool, inst, workers) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` arguments and the environment of an instance's engine (pool is the
+    daemon's Pool, inst its Instance, workers the leased WorkerHandles in rank order)."""
+    lease = messages.LeaseInfo(
+        instance_id=inst.id, token=inst.token, authkey=pool.authkey,
+        workers=[messages.WorkerAddress(w.slot, w.device, w.socket_path) for w in workers])
+    env = pool._engine_base_env()
+    # EngineCore forks from the warm host (which has no CUDA context) unless this attach
+    # asks otherwise. Not the daemon's own value: the `vllm` CLI sets `spawn` in its
+    # process (cli_env_setup), and a spawned EngineCore imports vLLM again (16 s on the H100).
+    env["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+    env.update(compat.engine_env_defaults())
+    if pool.cfg.parking:
+        env.update(parking.engine_env())
+    env.update(inst.env)
+    env[messages.LEASE_ENV] = lease.to_json()
+    env[messages.RUN_DIR_ENV] = inst.run_dir
+    env["VLLM_RPC_BASE_PATH"] = inst.run_dir   # zmq ipc sockets die with the instance
+    device_ids = None
+    if pool.cfg.visible_devices is not None:
+        device_ids = [int(w.device.split(":")[1]) for w in workers]
+    extra = parking.engine_args(inst.args, pool.on_gpu(inst)) if pool.cfg.parking \
+        else inst.args
+    return engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, extra,
+                       device_ids), env

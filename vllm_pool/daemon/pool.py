@@ -18,20 +18,20 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import threading
 import time
 import uuid
 
 from vllm_pool import compat, messages
-from vllm_pool.daemon import allocator, kernel_warmup, park_wake, parking, reclaim, state_file
+from vllm_pool.daemon import (allocator, kernel_warmup, park_wake, parking, ports, reclaim,
+                              state_file)
 from vllm_pool.daemon.arg_policy import check_args
 from vllm_pool.daemon.background import start_thread
-from vllm_pool.daemon.engines import EngineHosts
+from vllm_pool.daemon.engines import EngineHosts, engine_order
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.instance import Instance, PoolConfig
 from vllm_pool.daemon.workers import WorkerHandle
-from vllm_pool.engine.launch import engine_argv, failure_reason, health_ok
+from vllm_pool.engine.launch import failure_reason, health_ok
 from vllm_pool.states import (ATTACH_PHASES, LIVE_INSTANCE_STATES, InstanceState, WorkerState,
                               transition)
 
@@ -87,35 +87,8 @@ class Pool:
         for w in self.workers.values():
             w.spawn()
         if self.cfg.state_path:
-            self._writer = state_file.StateWriter(self.cfg.state_path, self.state_record,
-                                                  lambda: self.stopping)
-
-    def state_record(self) -> state_file.StateRecord:
-        """What a daemon started after this one crashed must stop and remove."""
-        procs: list[state_file.ProcRecord] = []
-
-        def add(pid: int | None, role: str) -> None:
-            st = state_file.proc_start_time(pid) if pid else None
-            if st is not None:
-                procs.append(state_file.ProcRecord(pid=pid, start_time=st, role=role))
-
-        with self.lock:
-            for w in self.workers.values():
-                add(w.pid, f"worker-{w.slot}")
-            for pid in self.engines.pids():
-                add(pid, "engine-forkserver")
-            insts = []
-            for i in self.instances.values():
-                if i.engine is not None:
-                    add(i.engine.pid, f"engine-{i.id}")
-                insts.append(state_file.InstanceRecord(
-                    id=i.id, name=i.name, model=i.model, slots=list(i.slots), port=i.port,
-                    shm_names=sorted(i.shm_names), run_dir=i.run_dir,
-                    shm_globs=reclaim.shm_globs(i.id, i.dist_idents)))
-        return state_file.StateRecord(
-            daemon_pid=os.getpid(), daemon_start_time=state_file.proc_start_time(os.getpid()) or 0,
-            control_port=self.cfg.control_port, run_dir=self.cfg.run_dir, processes=procs,
-            instances=insts)
+            self._writer = state_file.StateWriter(
+                self.cfg.state_path, lambda: state_file.snapshot(self), lambda: self.stopping)
 
     def _engine_base_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -258,7 +231,7 @@ class Pool:
             if any(i.name == name for i in self.instances.values()):
                 raise AttachError(f"an instance named {name!r} already exists", 409)
             if port is not None and (any(i.port == port for i in self.instances.values())
-                                     or not _port_free(self.cfg.engine_host, port)):
+                                     or not ports.port_free(self.cfg.engine_host, port)):
                 raise AttachError(f"port {port} is in use", 409)
             try:
                 slots = allocator.reserve(self.alloc_states(),
@@ -281,7 +254,7 @@ class Pool:
               args: list[str], env: dict[str, str], slots: list[int], settings: str,
               kernel_warmup: bool = False) -> Instance:
         """Register the instance and lease it its workers (under the lock)."""
-        port = port or _free_port(self.cfg.engine_host, {i.port for i in self.instances.values()})
+        port = port or ports.free_port(self.cfg.engine_host, {i.port for i in self.instances.values()})
         inst = Instance(id=iid, name=name, model=model, tp=tp, pp=pp, port=port,
                         host=self.cfg.engine_host, args=args, env=env, slots=slots,
                         token=secrets.token_hex(16),
@@ -334,29 +307,7 @@ class Pool:
     def _launch_and_wait(self, inst: Instance, timeout: float) -> None:
         os.makedirs(inst.run_dir, mode=0o700, exist_ok=True)
         workers = [self.workers[s] for s in inst.slots]
-        lease = messages.LeaseInfo(
-            instance_id=inst.id, token=inst.token, authkey=self.authkey,
-            workers=[messages.WorkerAddress(w.slot, w.device, w.socket_path) for w in workers])
-        env = self._engine_base_env()
-        # EngineCore forks from the warm host (which has no CUDA context) unless this
-        # attach asks otherwise. Not the daemon's own value: the `vllm` CLI sets `spawn`
-        # in its process (cli_env_setup), and a spawned EngineCore imports vLLM again
-        # (16 s on the H100).
-        env["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
-        env.update(compat.engine_env_defaults())
-        if self.cfg.parking:
-            env.update(parking.engine_env())
-        env.update(inst.env)
-        env[messages.LEASE_ENV] = lease.to_json()
-        env[messages.RUN_DIR_ENV] = inst.run_dir
-        env["VLLM_RPC_BASE_PATH"] = inst.run_dir   # zmq ipc sockets die with the instance
-        device_ids = None
-        if self.cfg.visible_devices is not None:
-            device_ids = [int(w.device.split(":")[1]) for w in workers]
-        on_gpu = self.on_gpu(inst)
-        extra = parking.engine_args(inst.args, on_gpu) if self.cfg.parking else inst.args
-        argv = engine_argv(inst.model, inst.host, inst.port, inst.tp, inst.pp, extra,
-                           device_ids)
+        argv, env = engine_order(self, inst, workers)
         t_launch = time.perf_counter()
         try:
             inst.engine = self.engines.host_for(inst.env, inst.log_path, timeout)
@@ -506,26 +457,3 @@ class Pool:
             if ref in self.instances:
                 return self.instances[ref]
             return next((i for i in self.instances.values() if i.name == ref), None)
-
-
-def _port_free(host: str, port: int) -> bool:
-    """Whether the engine could bind `port`, checked the way its server binds
-    (vLLM's create_server_socket: SO_REUSEADDR), so connections in TIME_WAIT from the
-    instance that had the port before do not count as "in use"."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port(host: str, taken: set[int]) -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            p = s.getsockname()[1]
-        if p not in taken:
-            return p

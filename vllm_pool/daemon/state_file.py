@@ -140,6 +140,34 @@ def default_path(control_port: int) -> str:
     return os.path.join(base, f"pool-{control_port}.state.json")
 
 
+def snapshot(pool) -> StateRecord:
+    """What a daemon started after `pool`'s crashed must stop and remove (daemon/pool.Pool)."""
+    procs: list[ProcRecord] = []
+
+    def add(pid: int | None, role: str) -> None:
+        st = proc_start_time(pid) if pid else None
+        if st is not None:
+            procs.append(ProcRecord(pid=pid, start_time=st, role=role))
+
+    with pool.lock:
+        for w in pool.workers.values():
+            add(w.pid, f"worker-{w.slot}")
+        for pid in pool.engines.pids():
+            add(pid, "engine-forkserver")
+        insts = []
+        for i in pool.instances.values():
+            if i.engine is not None:
+                add(i.engine.pid, f"engine-{i.id}")
+            insts.append(InstanceRecord(
+                id=i.id, name=i.name, model=i.model, slots=list(i.slots), port=i.port,
+                shm_names=sorted(i.shm_names), run_dir=i.run_dir,
+                shm_globs=cleanup.shm_globs(i.id, i.dist_idents)))
+    return StateRecord(
+        daemon_pid=os.getpid(), daemon_start_time=proc_start_time(os.getpid()) or 0,
+        control_port=pool.cfg.control_port, run_dir=pool.cfg.run_dir, processes=procs,
+        instances=insts)
+
+
 class StateWriter:
     """Rewrites the state file whenever the snapshot changes: polled every 0.2 s, so every
     change of a PID or an instance is on disk within that, without a hook on each path."""
