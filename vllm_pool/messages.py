@@ -49,8 +49,12 @@ class StateChanged(msgspec.Struct, tag=True):
     state: WorkerState
     pid: int
     instance_id: str | None = None
-    memory_bytes: int = 0           # device memory in use (GPU) or RSS (CPU)
+    memory_bytes: int = 0           # this worker's own memory: GPU per process (NVML), CPU RSS
     baseline_bytes: int = 0         # the same figure when idle after warm-up
+    memory_source: str = ""         # reset.MemoryFigures.source: nvml | torch | rss
+    device_free_bytes: int = 0      # GPU: free on the whole device (all processes)
+    device_total_bytes: int = 0
+    device_uuid: str = ""           # NVML UUID of the worker's GPU (the daemon reads it live)
     error: str | None = None
     phases: dict[str, float] = {}   # worker-side attach phases, seconds
     shm_names: list[str] = []       # shared-memory segments the attach uses (for reclaim)

@@ -12,6 +12,7 @@ from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
+from vllm_pool.daemon import parking
 from vllm_pool.daemon.pool import AttachError, Instance, Pool
 from vllm_pool.daemon.workers import WorkerHandle
 from vllm_pool.states import InstanceState, WorkerState
@@ -52,6 +53,8 @@ class InstanceInfo(BaseModel):
     parked_at: float | None = None
     host_bytes: int = Field(0, description="parked: host memory it holds (RSS over idle)")
     woken: bool = Field(False, description="the last attach request woke it from parking")
+    device_bytes: int | None = Field(None, description="GPU: its workers' own device memory "
+                                     "now (per process; parked: what it still holds there)")
 
 
 class WorkerInfo(BaseModel):
@@ -60,8 +63,14 @@ class WorkerInfo(BaseModel):
     state: WorkerState
     pid: int | None
     instance_id: str | None
-    memory_bytes: int
-    baseline_bytes: int
+    memory_bytes: int = Field(description="this worker's own memory: on a GPU its process's "
+                              "device memory (NVML, CUDA context included), on CPU its RSS")
+    baseline_bytes: int = Field(description="the same figure when idle after warm-up")
+    memory_source: str = Field("", description="nvml | torch (no per-process figure from "
+                               "NVML: PyTorch's reserved memory) | rss (CPU)")
+    device_free_bytes: int | None = Field(None, description="GPU: free on the whole device "
+                                          "(all processes)")
+    device_total_bytes: int | None = None
     warmup_s: float
     kernel_warmup_s: float
     restarts: int
@@ -85,13 +94,20 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
         engine_host=i.engine_host, created_at=i.created_at,
         uptime_s=(time.time() - i.ready_at) if i.ready_at and i.state == InstanceState.SERVING
         else None, phases={k: round(v, 4) for k, v in i.phases.items()}, error=i.error,
-        parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken)
+        parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken,
+        device_bytes=parking.device_bytes([pool.workers[s] for s in i.slots
+                                           if s in pool.workers]))
 
 
 def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
+    own, free, total = w.memory_now()
+    on_gpu = w.device.startswith("cuda")
     return WorkerInfo(slot=w.slot, device=w.device, state=pool.worker_state(w), pid=w.pid,
-                      instance_id=w.instance_id, memory_bytes=w.memory_bytes,
-                      baseline_bytes=w.baseline_bytes, warmup_s=round(w.warmup_s, 3),
+                      instance_id=w.instance_id, memory_bytes=own,
+                      baseline_bytes=w.baseline_bytes, memory_source=w.memory_source,
+                      device_free_bytes=free if on_gpu and total else None,
+                      device_total_bytes=total if on_gpu and total else None,
+                      warmup_s=round(w.warmup_s, 3),
                       kernel_warmup_s=round(w.kernel_warmup_s, 3),
                       restarts=max(0, w.restarts), error=w.error)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from vllm_pool import messages
+from vllm_pool import device_memory, messages
 from vllm_pool.states import WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
@@ -37,8 +37,12 @@ class WorkerHandle:
         self.state = WorkerState.STARTING
         self.instance_id: str | None = None
         self.pid: int | None = None
-        self.memory_bytes = 0
+        self.memory_bytes = 0              # the worker's own memory, as it last reported it
         self.baseline_bytes = 0
+        self.memory_source = ""            # nvml | torch | rss (reset.MemoryFigures)
+        self.device_free_bytes = 0
+        self.device_total_bytes = 0
+        self.device_uuid = ""
         self.warmup_s = 0.0
         self.kernel_warmup_s = 0.0         # the pool's warm-up attach on this process
         self.error: str | None = None
@@ -105,6 +109,9 @@ class WorkerHandle:
                     continue
                 self.set_state(ev.state, instance_id=ev.instance_id, memory_bytes=ev.memory_bytes,
                           baseline_bytes=ev.baseline_bytes, warmup_s=ev.warmup_s,
+                          memory_source=ev.memory_source, device_uuid=ev.device_uuid,
+                          device_free_bytes=ev.device_free_bytes,
+                          device_total_bytes=ev.device_total_bytes,
                           error=ev.error, **({"phases": ev.phases} if ev.phases else {}),
                           **({"shm_names": ev.shm_names} if ev.shm_names else {}))
                 self.on_event(self, ev)
@@ -114,6 +121,18 @@ class WorkerHandle:
             self.set_state(WorkerState.FAILED if self.state != WorkerState.STOPPED else self.state,
                       error=self.error or f"worker process exited with {rc}")
             self.on_exit(self, rc)
+
+    def memory_now(self) -> tuple[int, int, int]:
+        """(own memory, device free, device total) now. A GPU worker whose own figures
+        come from NVML is read again here, by its PID on its device (the worker reports
+        only when its state changes: a parked worker's last report is from serving);
+        otherwise what the worker last reported."""
+        if self.memory_source == "nvml" and self.device_uuid and self.alive():
+            reading = device_memory.read_device(self.device_uuid)
+            own = device_memory.own_bytes(reading, self.pid)
+            if own is not None:
+                return own, reading.free_bytes, reading.total_bytes
+        return self.memory_bytes, self.device_free_bytes, self.device_total_bytes
 
     def send(self, cmd: messages.Command) -> bool:
         with self._lock:
