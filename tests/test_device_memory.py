@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from vllm_pool import device_memory as dm
 from vllm_pool import messages
+from vllm_pool.daemon import kernel_warmup as kw
 from vllm_pool.daemon import parking
 from vllm_pool.states import WorkerState
 from vllm_pool.worker import reset
@@ -168,6 +170,123 @@ def test_state_changed_carries_the_figures():
     assert old.memory_source == "" and old.device_total_bytes == 0
 
 
+# ---- the kernel warm-up on a busy device ------------------------------------------------
+def _vllm_accepts(args: list[str], free: int, total: int) -> bool:
+    """vLLM's start-up check (request_memory, 0.26-0.32): free >= ceil(util x total)."""
+    import math
+
+    util = float(args[args.index("--gpu-memory-utilization") + 1])
+    return 0 < util <= 1 and free >= math.ceil(total * util)
+
+
+def test_memory_args_ask_for_what_is_free():
+    # The issue's case: B holds 133351 MiB; what is left is enough for the tiny model.
+    free = H200 - 133351 * MiB - 805 * MiB
+    args, wait = kw.memory_args(free, H200)
+    assert wait is None and _vllm_accepts(args, free, H200)
+    assert _vllm_accepts(args, free - kw.MARGIN_BYTES + MiB, H200)  # margin for drift
+    # An empty device: no more than vLLM's usual share.
+    args, _ = kw.memory_args(H200 - 600 * MiB, H200)
+    assert args == ["--gpu-memory-utilization", "0.9000"]
+    # Just enough, on a larger device than any today: still a valid, accepted share.
+    args, wait = kw.memory_args(kw.NEED_BYTES, 1024 * GiB)
+    assert wait is None and _vllm_accepts(args, kw.NEED_BYTES, 1024 * GiB)
+    # Too little: wait, with the figures in the reason.
+    args, wait = kw.memory_args(2 * GiB, H200)
+    assert args == [] and "2048 MiB free on the device" in wait and "3072 MiB" in wait
+    # No reading (CPU): vLLM's own defaults, as before.
+    assert kw.memory_args(0, 0) == ([], None)
+    full = kw.engine_args("compiled", True, ["--gpu-memory-utilization", "0.0500"])
+    assert full[-2:] == ["--gpu-memory-utilization", "0.0500"] and "--kv-cache-memory-bytes" in full
+
+
+def test_retry_policy():
+    assert [kw.retry_delay(n) for n in range(1, 8)] == [15, 30, 60, 120, 240, 480, 600]
+    st = kw.WarmupStatus()
+    kw.note_wait(st, "no room", 100.0)
+    assert (st.state, st.failures, st.retry_at) == ("waiting", 0, 100.0 + kw.ROOM_POLL_S)
+    for i in range(1, kw.MAX_FAILURES):
+        kw.note_failure(st, f"boom {i}", 1000.0)
+        assert st.state == "retrying" and st.retry_at == 1000.0 + kw.retry_delay(i)
+    kw.note_failure(st, "boom last", 1000.0)
+    assert (st.state, st.retry_at, st.error) == ("failed", None, "boom last")
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.t += s
+
+
+def _worker(slot: int, pid: int, free: int) -> SimpleNamespace:
+    w = SimpleNamespace(slot=slot, pid=pid, device="cuda:0", state=WorkerState.IDLE,
+                        instance_id=None, retired=False, warmup_status=kw.WarmupStatus(),
+                        free=free)
+    w.memory_now = lambda: (805 * MiB, w.free, H200)
+    return w
+
+
+def test_warmup_waits_for_room_then_retries_a_failure_then_succeeds():
+    clock, calls, released = _Clock(), [], []
+    w = _worker(0, A, free=1 * GiB)  # another model holds the device
+
+    def attempt(memory):
+        calls.append((clock.t, list(memory)))
+        if len(calls) == 1:
+            raise RuntimeError("engine exited during start-up: out of memory")
+        return True
+
+    def room_appears(s):  # the other model parks 20 s later
+        clock.sleep(s)
+        if clock.t >= 1020.0:
+            w.free = 60 * GiB
+
+    kw.run(w, attempt, lambda: released.append(clock.t), lambda: False, clock.now, room_appears)
+    st = w.warmup_status
+    assert st.state == "done" and st.error is None
+    assert (st.attempts, st.failures) == (2, 1)
+    # Free while it waited (not warming: /health and other attaches need not wait).
+    assert released and released[0] == 1000.0 and st.released
+    first, second = calls
+    assert first[0] >= 1020.0 and _vllm_accepts(first[1], 60 * GiB, H200)
+    assert second[0] - first[0] >= kw.retry_delay(1)
+
+
+def test_warmup_failure_is_this_workers_alone_and_stops_with_its_process():
+    clock = _Clock()
+    bad, good = _worker(0, A, 60 * GiB), _worker(1, B, 60 * GiB)
+
+    def fail(memory):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    kw.run(bad, fail, lambda: None, lambda: False, clock.now, clock.sleep)
+    assert bad.warmup_status.state == "failed"
+    assert bad.warmup_status.failures == kw.MAX_FAILURES
+    assert "illegal memory access" in bad.warmup_status.error
+    # The next worker still runs its own warm-up (nothing was turned off for the pool).
+    ran = []
+    kw.run(good, lambda m: ran.append(m) or True, lambda: None, lambda: False, clock.now,
+           clock.sleep)
+    assert ran and good.warmup_status.state == "done"
+
+    # A busy worker is waited for; a respawned process (new PID) ends the old loop.
+    w = _worker(2, OTHER, 60 * GiB)
+    w.state = WorkerState.SERVING
+
+    def sleep(s):
+        clock.sleep(s)
+        w.pid = OTHER + 1
+
+    kw.run(w, lambda m: pytest.fail("must not attach to a busy worker"), lambda: None,
+           lambda: False, clock.now, sleep)
+    assert w.warmup_status.attempts == 0
+
+
 def test_soak_summary_names_the_memory_source():
     sys.path.insert(0, "benchmarks")
     try:
@@ -190,7 +309,46 @@ def test_cpu_workers_show_their_rss_and_no_device_figures(idle_pool):
         assert w["memory_source"] == "rss" and w["memory_bytes"] > 0
         assert w["baseline_bytes"] > 0
         assert w["device_free_bytes"] is None and w["device_total_bytes"] is None
+        assert w["kernel_warmup"]["state"] == "off"  # auto is off on CPU
     out = subprocess.run([sys.executable, "-m", "vllm_pool", "ls", "--pool", idle_pool.url],
                          capture_output=True, text=True, timeout=60).stdout
-    assert "DEVICE FREE" in out, out
+    assert "DEVICE FREE" in out and "kernel warm-up" not in out, out
 
+
+def test_failed_kernel_warmup_is_shown_and_retried_on_that_worker(logs, tmp_path, monkeypatch):
+    """A warm-up that fails (here: the built-in model is missing its files) leaves the pool
+    ready and the worker free, is shown on the worker with its reason, and is retried:
+    once the model is whole again, the next try passes on the same process."""
+    import json
+    import os
+    import shutil
+
+    from tests import helpers
+
+    cache = tmp_path / "cache"
+    broken = kw.model_dir(str(cache))
+    os.makedirs(broken)
+    with open(os.path.join(broken, "vllm_pool_fixture.json"), "w") as f:
+        json.dump(kw._STAMP, f)  # accepted as built, but it has no config or weights
+    monkeypatch.setenv("VLLM_POOL_CACHE", str(cache))
+    d = helpers.Daemon(1, os.path.join(logs, "warmup-retry-pool"),
+                       ["--kernel-warmup", "eager", "--state-file", "none"])
+    try:
+        d.wait_ready(300)  # ready although the warm-up failed: the worker serves without it
+        w = d.wait_workers(lambda ws: ws[0]["kernel_warmup"]["failures"] >= 1, 300)[0]
+        wu = w["kernel_warmup"]
+        assert w["state"] == "idle" and wu["state"] == "retrying", w
+        assert wu["error"] and wu["retry_in_s"] > 0
+        pid = w["pid"]
+        out = subprocess.run([sys.executable, "-m", "vllm_pool", "ls", "--pool", d.url],
+                             capture_output=True, text=True, timeout=60).stdout
+        assert "kernel warm-up retrying (1 failed" in out, out
+        shutil.rmtree(broken)  # the next try builds the model again
+        w = d.wait_workers(lambda ws: ws[0]["kernel_warmup"]["state"] in ("done", "failed"),
+                           300)[0]
+        assert w["kernel_warmup"]["state"] == "done", w
+        assert (w["kernel_warmup"]["failures"], w["kernel_warmup"]["attempts"]) == (1, 2), w
+        assert w["pid"] == pid and w["restarts"] == 0 and w["kernel_warmup_s"] > 0, w
+        assert d.instances() == []
+    finally:
+        assert d.stop() == 0

@@ -164,6 +164,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
               f"{names.get(w['instance_id'], w['instance_id'] or '-'):<20}"
               f"{_mib(w['memory_bytes']):<10}{_mib(w['baseline_bytes']):<10}"
               + (f"{_mib(free)} of {_mib(w['device_total_bytes'])}" if free is not None else "-"))
+        wu = w.get("kernel_warmup") or {}
+        if wu.get("state") in ("waiting", "retrying", "failed"):
+            retry = f", next try in {wu['retry_in_s']:.0f}s" if wu.get("retry_in_s") else ""
+            print(f"    kernel warm-up {wu['state']} ({wu['failures']} failed{retry}): "
+                  f"{wu['error']}")
     print()
     print(f"{'NAME':<20}{'MODEL':<32}{'TP':<4}{'PORT':<7}{'STATE':<11}{'UPTIME':<9}ATTACH")
     for i in instances:

@@ -57,6 +57,15 @@ class InstanceInfo(BaseModel):
                                      "now (per process; parked: what it still holds there)")
 
 
+class KernelWarmupInfo(BaseModel):
+    state: str = Field(description="pending|running|waiting (for room on the device)|"
+                                   "retrying|done|failed (gave up; serves without it)|off")
+    attempts: int
+    failures: int
+    error: str | None = Field(description="the last failure, or why it waits")
+    retry_in_s: float | None
+
+
 class WorkerInfo(BaseModel):
     slot: int
     device: str
@@ -73,6 +82,7 @@ class WorkerInfo(BaseModel):
     device_total_bytes: int | None = None
     warmup_s: float
     kernel_warmup_s: float
+    kernel_warmup: KernelWarmupInfo | None = None
     restarts: int
     error: str | None
 
@@ -102,6 +112,8 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
 def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
     own, free, total = w.memory_now()
     on_gpu = w.device.startswith("cuda")
+    wu = w.warmup_status
+    off = pool.cfg.kernel_warmup == "off" or (w.extra and wu.state == "pending")
     return WorkerInfo(slot=w.slot, device=w.device, state=pool.worker_state(w), pid=w.pid,
                       instance_id=w.instance_id, memory_bytes=own,
                       baseline_bytes=w.baseline_bytes, memory_source=w.memory_source,
@@ -109,6 +121,11 @@ def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
                       device_total_bytes=total if on_gpu and total else None,
                       warmup_s=round(w.warmup_s, 3),
                       kernel_warmup_s=round(w.kernel_warmup_s, 3),
+                      kernel_warmup=KernelWarmupInfo(
+                          state="off" if off else wu.state, attempts=wu.attempts,
+                          failures=wu.failures, error=wu.error,
+                          retry_in_s=None if wu.retry_at is None
+                          else round(max(0.0, wu.retry_at - time.time()), 1)),
                       restarts=max(0, w.restarts), error=w.error)
 
 
@@ -179,9 +196,11 @@ def build_app(pool: Pool) -> FastAPI:
     def health() -> Health:
         ws = list(pool.workers.values())
         idle = sum(pool.worker_state(w) == WorkerState.IDLE for w in ws)
-        # Workers started beside parked ones do not make the pool unready while they warm.
+        # Workers started beside parked ones do not make the pool unready while they warm,
+        # nor do workers retrying a kernel warm-up (they served meanwhile).
         ok = all(pool.worker_state(w) not in (WorkerState.STARTING, WorkerState.WARMING,
                                               WorkerState.FAILED)
+                 or (pool.worker_state(w) == WorkerState.WARMING and w.warmup_status.released)
                  for w in ws if not w.extra)
         if pool.stopping or not ok:
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")

@@ -11,17 +11,29 @@ Triton compiles per specialization of a kernel's arguments (dtype of the logits,
 divisibility of sizes by 16), so the model is built to land in the common class: bfloat16
 on GPUs, a vocabulary of 32000 (a multiple of 16, as the vocabularies of most models are).
 A model outside that class still pays for its own kernels on its first attach to a worker.
+
+On a device that another model holds, the warm-up asks vLLM for only the memory that is
+free (`memory_args`), waits while even that is too little, and is retried with a backoff
+when it fails (`run`): per worker, shown on it (`WarmupStatus`), never turned off for the
+pool. A worker whose first try failed or waits is free meanwhile; it just has not paid
+its once-per-process costs yet.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vllm_pool.states import WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
 
@@ -38,18 +50,144 @@ def resolve_mode(mode: str, on_gpu: bool) -> str:
     return mode
 
 
-def engine_args(mode: str, on_gpu: bool) -> list[str]:
+def engine_args(mode: str, on_gpu: bool, memory: list[str] | None = None) -> list[str]:
     """`vllm serve` arguments of the warm-up attach. The KV cache is kept small (the
-    warm-up must fit beside nothing else on the device but should not take it all);
-    max_num_seqs and the batching limits stay at vLLM's defaults, because vLLM's kernel
-    warm-up sizes its dummy batch from them, and so picks the specialization compiled."""
-    args = ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(512 << 20),
+    warm-up must fit beside other models on the device); max_num_seqs and the batching
+    limits stay at vLLM's defaults, because vLLM's kernel warm-up sizes its dummy batch
+    from them, and so picks the specialization compiled. `memory`: from memory_args."""
+    args = ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
             "--served-model-name", "kernel-warmup", "--disable-log-stats"]
     if on_gpu:
         args += ["--dtype", "bfloat16"]
     if mode == "eager":
         args.append("--enforce-eager")
-    return args
+    return args + list(memory or [])
+
+
+# ---- room on a device that other models use -----------------------------------------
+KV_CACHE_BYTES = 512 << 20
+# What the warm-up engine takes on the device at most, with room to spare: its KV cache,
+# the profile run's activations and logits (2048 tokens x 32000), the sampler's dummy
+# batch, CUDA graphs and attention workspaces; the 4M-parameter weights are 8 MiB.
+NEED_BYTES = 3 << 30
+# Free memory moves between the reading here and vLLM's own at start-up.
+MARGIN_BYTES = 1 << 30
+MAX_UTILIZATION = 0.9
+
+
+def memory_args(free: int, total: int) -> tuple[list[str], str | None]:
+    """(`--gpu-memory-utilization` for the warm-up, None), or ([], why it must wait).
+
+    vLLM 0.26-0.32 refuses to start when the device's free memory is below utilization x
+    total (`request_memory` in v1/worker/utils.py, on the whole device's free memory),
+    whatever `--kv-cache-memory-bytes` says; with that flag set, the utilization serves
+    that check only (no profiling sizes the KV cache from it), so the warm-up asks for
+    the free memory less a margin. No reading (CPU): nothing, vLLM's default."""
+    if total <= 0:
+        return [], None
+    if free < NEED_BYTES:
+        return [], (f"{free / 2**20:.0f} MiB free on the device, the warm-up needs "
+                    f"{NEED_BYTES / 2**20:.0f} MiB: waiting for room")
+    # Rounded down, so utilization x total never exceeds free less the margin.
+    util = min(MAX_UTILIZATION, math.floor(1e4 * (free - MARGIN_BYTES) / total) / 1e4)
+    return ["--gpu-memory-utilization", f"{util:.4f}"], None
+
+
+# ---- retries, per worker ----------------------------------------------------------------
+RETRY_FIRST_S = 15.0      # after the first failure; doubles after each further one
+RETRY_MAX_S = 600.0
+MAX_FAILURES = 6          # then the worker serves without it (shown as failed)
+ROOM_POLL_S = 5.0         # how often a warm-up waiting for room reads the device again
+BUSY_POLL_S = 1.0         # the worker serves a model: try when it is idle again
+
+
+@dataclass
+class WarmupStatus:
+    """One worker process's kernel warm-up, as `ls` and GET /workers show it."""
+    state: str = "pending"          # pending|running|waiting|retrying|done|failed|off
+    attempts: int = 0               # warm-up attaches started
+    failures: int = 0
+    error: str | None = None        # the last failure, or why it waits
+    retry_at: float | None = None   # time.time() of the next try
+    released: bool = False          # a try failed or waited: the worker is free between tries
+
+    def view(self) -> dict:
+        return {"state": self.state, "attempts": self.attempts, "failures": self.failures,
+                "error": self.error, "retry_at": self.retry_at}
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try after `failures` failed ones: 15, 30, 60 ... 600."""
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** max(0, failures - 1))
+
+
+def note_failure(st: WarmupStatus, error: str, now: float) -> None:
+    st.failures += 1
+    st.error = error
+    if st.failures >= MAX_FAILURES:
+        st.state, st.retry_at = "failed", None
+    else:
+        st.state, st.retry_at = "retrying", now + retry_delay(st.failures)
+
+
+def note_wait(st: WarmupStatus, reason: str, now: float) -> None:
+    """Too little room is no failure: read again soon, without a count towards the end."""
+    st.state, st.error, st.retry_at = "waiting", reason, now + ROOM_POLL_S
+
+
+def run(w, attempt: Callable[[list[str]], bool], release: Callable[[], None],
+        stopping: Callable[[], bool], now: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep) -> None:
+    """Warm one worker process up, retrying until done, failed for good, or the process
+    is gone. `w`: its WorkerHandle. `attempt(memory_args)` runs one warm-up attach and
+    detach; False when the worker was not idle, raises when the warm-up failed.
+    `release()` makes the worker free while a retry is pending."""
+    st, pid = w.warmup_status, w.pid
+    on_gpu = w.device.startswith("cuda")
+
+    def free_meanwhile():
+        st.released = True
+        release()
+
+    while not stopping() and w.pid == pid and not w.retired:
+        t = now()
+        if st.retry_at is not None and t < st.retry_at:
+            sleep(min(BUSY_POLL_S, st.retry_at - t))
+            continue
+        if w.state != WorkerState.IDLE or w.instance_id is not None:
+            sleep(BUSY_POLL_S)
+            continue
+        _own, free, total = w.memory_now()
+        memory, wait = memory_args(free, total) if on_gpu else ([], None)
+        if wait:
+            if st.state != "waiting":
+                logger.info("worker %d: kernel warm-up waits: %s", w.slot, wait)
+            note_wait(st, wait, t)
+            free_meanwhile()
+            continue
+        st.state, st.retry_at = "running", None
+        st.attempts += 1
+        try:
+            if not attempt(memory):  # taken in the meantime: not a try
+                st.attempts -= 1
+                st.state = "retrying" if st.failures else "pending"
+                sleep(BUSY_POLL_S)
+                continue
+        except Exception as e:  # noqa: BLE001 - this worker's warm-up, not the pool's
+            if w.pid != pid or stopping():
+                return
+            note_failure(st, str(e)[-2000:], now())
+            if st.state == "failed":
+                logger.error("worker %d: kernel warm-up failed %d times, serving without it: "
+                             "%s", w.slot, st.failures, e)
+                free_meanwhile()
+                return
+            logger.warning("worker %d: kernel warm-up failed (%d of %d), retrying in %.0fs: "
+                           "%s", w.slot, st.failures, MAX_FAILURES, st.retry_at - now(), e)
+            free_meanwhile()
+            continue
+        st.state, st.error, st.retry_at = "done", None, None
+        return
 
 
 def model_dir(cache_root: str | None = None) -> str:

@@ -113,7 +113,7 @@ class Pool:
         # Slots whose process has not yet run its kernel warm-up attach: not free, and
         # shown as WARMING once the process itself is up.
         self.warming: set[int] = set()
-        self._warmup_running: set[int] = set()
+        self._warmup_running: set[tuple[int, int | None]] = set()  # (slot, pid)
         self._warmup_model_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
@@ -149,7 +149,7 @@ class Pool:
     def _spawn(self, w: WorkerHandle) -> None:
         """Start (or restart) a worker; a new process runs the kernel warm-up before it
         is free, except the extra ones started beside parked workers (their device runs
-        a model) and once a warm-up has failed in this pool."""
+        a model)."""
         if self.cfg.kernel_warmup != "off" and not w.extra:
             with self.lock:
                 self.warming.add(w.slot)
@@ -295,9 +295,9 @@ class Pool:
             self._fail_instance(inst, f"worker {w.slot} failed: {ev.error}")
         if ev.state == WorkerState.IDLE and not self.stopping:
             with self.lock:
-                start = w.slot in self.warming and w.slot not in self._warmup_running
+                start = w.slot in self.warming and (w.slot, w.pid) not in self._warmup_running
                 if start:
-                    self._warmup_running.add(w.slot)
+                    self._warmup_running.add((w.slot, w.pid))
             if start:
                 threading.Thread(target=self._kernel_warmup, args=(w,), daemon=True,
                                  name=f"PoolKernelWarmup-{w.slot}").start()
@@ -421,45 +421,55 @@ class Pool:
         return inst
 
     def _kernel_warmup(self, w: WorkerHandle) -> None:
-        """Attach the built-in warm-up model to this new worker alone, then detach it; the
-        worker measures its idle footprint again afterwards (kernel_warmup.py says why)."""
+        """The kernel warm-up of a new worker process, retried for this worker alone until
+        it is done (kernel_warmup.run: room on a busy device, backoff, status on `w`)."""
+        pid = w.pid
+
+        def release() -> None:  # free while a retry is pending
+            with self.lock:
+                if w.pid == pid:
+                    self.warming.discard(w.slot)
+
+        try:
+            kernel_warmup.run(w, lambda memory: self._kernel_warmup_once(w, pid, memory),
+                              release, lambda: self.stopping)
+        finally:
+            release()
+            with self.lock:
+                self._warmup_running.discard((w.slot, pid))
+
+    def _kernel_warmup_once(self, w: WorkerHandle, pid: int | None, memory: list[str]) -> bool:
+        """Attach the built-in warm-up model to this worker alone, then detach it; the
+        worker measures its idle footprint again afterwards (kernel_warmup.py says why).
+        False when the worker is not idle; raises when the warm-up failed."""
         t0 = time.perf_counter()
         mode = self.cfg.kernel_warmup
+        with self._warmup_model_lock:  # one build, however many workers start at once
+            model = kernel_warmup.ensure_model()
+        on_gpu = w.device.startswith("cuda")
+        iid = uuid.uuid4().hex[:12]
+        with self.lock:
+            if self.stopping or w.pid != pid or w.state != WorkerState.IDLE \
+                    or w.instance_id is not None:
+                return False
+            self.warming.add(w.slot)  # a retry: attaches wait for it rather than get 409
+            inst = self._lease(iid, f"{kernel_warmup.NAME_PREFIX}{w.slot}", model, 1, 1,
+                               None, kernel_warmup.engine_args(mode, on_gpu, memory), {},
+                               [w.slot], "", warmup=True)
+        logger.info("worker %d: kernel warm-up attach (%s) of the built-in model%s", w.slot,
+                    mode, f" ({' '.join(memory)})" if memory else "")
         try:
-            if mode == "off":  # turned off by another worker's failed warm-up
-                return
-            with self._warmup_model_lock:  # one build, however many workers start at once
-                model = kernel_warmup.ensure_model()
-            on_gpu = w.device.startswith("cuda")
-            iid = uuid.uuid4().hex[:12]
-            with self.lock:
-                if self.stopping or w.state != WorkerState.IDLE or w.instance_id is not None:
-                    return
-                inst = self._lease(iid, f"{kernel_warmup.NAME_PREFIX}{w.slot}", model, 1, 1,
-                                   None, kernel_warmup.engine_args(mode, on_gpu), {}, [w.slot],
-                                   "", warmup=True)
-            logger.info("worker %d: kernel warm-up attach (%s) of the built-in model",
-                        w.slot, mode)
-            try:
-                self._launch_and_wait(inst, self.cfg.worker_start_timeout)
-            except BaseException as e:
-                self._abort_attach(inst, f"kernel warm-up failed: {e}")
-                raise
-            finally:
-                threading.Thread(target=self._replenish_spares, daemon=True).start()
-            self.detach(inst.id, park=False)
-            w.kernel_warmup_s = time.perf_counter() - t0
-            logger.info("worker %d: kernel warm-up done in %.1fs (attach %.1fs)", w.slot,
-                        w.kernel_warmup_s, inst.phases.get("total", 0.0))
-        except Exception as e:  # noqa: BLE001 - a failed warm-up must not take the pool down
-            # The worker serves without it; later workers skip it rather than fail alike.
-            logger.error("worker %d: kernel warm-up failed, turning it off for this pool: %s",
-                         w.slot, e)
-            self.cfg.kernel_warmup = "off"
+            self._launch_and_wait(inst, self.cfg.worker_start_timeout)
+        except BaseException as e:
+            self._abort_attach(inst, f"kernel warm-up failed: {e}")
+            raise
         finally:
-            with self.lock:
-                self.warming.discard(w.slot)
-                self._warmup_running.discard(w.slot)
+            threading.Thread(target=self._replenish_spares, daemon=True).start()
+        self.detach(inst.id, park=False)
+        w.kernel_warmup_s = time.perf_counter() - t0
+        logger.info("worker %d: kernel warm-up done in %.1fs (attach %.1fs)", w.slot,
+                    w.kernel_warmup_s, inst.phases.get("total", 0.0))
+        return True
 
     def _wait_for_starting_workers(self, n: int, devices: list[str] | None,
                                    timeout: float) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import msgspec
 
 from vllm_pool import device_memory, messages
+from vllm_pool.daemon import kernel_warmup
 from vllm_pool.states import WorkerState
 
 logger = logging.getLogger("vllm_pool.daemon")
@@ -45,6 +46,7 @@ class WorkerHandle:
         self.device_uuid = ""
         self.warmup_s = 0.0
         self.kernel_warmup_s = 0.0         # the pool's warm-up attach on this process
+        self.warmup_status = kernel_warmup.WarmupStatus()
         self.error: str | None = None
         self.shm_names: list[str] = []
         self.phases: dict[str, float] = {}
@@ -84,6 +86,7 @@ class WorkerHandle:
         self.restarts += 1
         self.ever_idle = False
         self.kernel_warmup_s = 0.0
+        self.warmup_status = kernel_warmup.WarmupStatus()
         self.set_state(WorkerState.STARTING, instance_id=None, error=None)
         threading.Thread(target=self._read_events, args=(evt_r, self.proc), daemon=True,
                          name=f"PoolWorkerEvents-{self.slot}").start()
