@@ -1,6 +1,7 @@
 """Two models on one GPU (issue 19, items 1, 2 and 4): run with VLLM_POOL_TEST_GPUS=0.
 
   VLLM_POOL_TEST_GPUS=0 python -m pytest tests/test_gpu_sharing.py -s
+  bash benchmarks/gpu_sharing.sh     # the same on the lent GPU machine, results in $OUT
 
 A pool with parking on GPU 0 puts a second worker beside a parked one, so two workers (and
 two models) share the device. What is checked:
@@ -115,6 +116,7 @@ def _timed(fn):
     return r, round(time.perf_counter() - t0, 3)
 
 
+@pytest.mark.timeout(1800)  # the plain-vLLM references and the pool's start come first
 def test_park_wake_detach_two_models_one_gpu_no_respawn(gpu_pool, model_a, model_b, refs):
     d = gpu_pool
     rec = RESULTS["sequence"]
