@@ -226,7 +226,7 @@ class _Clock:
 def _worker(slot: int, pid: int, free: int) -> SimpleNamespace:
     w = SimpleNamespace(slot=slot, pid=pid, device="cuda:0", state=WorkerState.IDLE,
                         instance_id=None, retired=False, warmup_status=kw.WarmupStatus(),
-                        free=free)
+                        free=free, device_uuid="GPU-7e1f")
     w.memory_now = lambda: (805 * MiB, w.free, H200)
     return w
 
@@ -285,6 +285,19 @@ def test_warmup_failure_is_this_workers_alone_and_stops_with_its_process():
     kw.run(w, lambda m: pytest.fail("must not attach to a busy worker"), lambda: None,
            lambda: False, clock.now, sleep)
     assert w.warmup_status.attempts == 0
+
+
+def test_warmup_without_a_live_reading_lets_vllm_decide():
+    """No NVML in the daemon: the last reported free memory is stale, so waiting on it
+    could last forever; the warm-up asks for what it needs and vLLM's check decides."""
+    clock, calls = _Clock(), []
+    w = _worker(0, A, free=1 * GiB)
+    w.device_uuid = ""
+    kw.run(w, lambda m: calls.append(m) or True, lambda: None, lambda: False, clock.now,
+           clock.sleep)
+    assert w.warmup_status.state == "done" and len(calls) == 1
+    assert _vllm_accepts(calls[0], kw.NEED_BYTES + 16 * MiB, H200)  # (rounded up)
+    assert not _vllm_accepts(calls[0], kw.NEED_BYTES - 64 * MiB, H200)
 
 
 def test_soak_summary_names_the_memory_source():

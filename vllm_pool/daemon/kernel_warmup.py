@@ -93,6 +93,13 @@ def memory_args(free: int, total: int) -> tuple[list[str], str | None]:
     return ["--gpu-memory-utilization", f"{util:.4f}"], None
 
 
+def need_only_args(total: int) -> list[str]:
+    """Where the daemon cannot read the device again (no NVML): ask for what the warm-up
+    needs, and let vLLM's own check say whether it is free (a failure is retried)."""
+    util = min(1.0, math.ceil(1e4 * NEED_BYTES / total) / 1e4)
+    return ["--gpu-memory-utilization", f"{util:.4f}"]
+
+
 # ---- retries, per worker ----------------------------------------------------------------
 RETRY_FIRST_S = 15.0      # after the first failure; doubles after each further one
 RETRY_MAX_S = 600.0
@@ -159,6 +166,8 @@ def run(w, attempt: Callable[[list[str]], bool], release: Callable[[], None],
             continue
         _own, free, total = w.memory_now()
         memory, wait = memory_args(free, total) if on_gpu else ([], None)
+        if wait and not w.device_uuid:  # a stale figure: waiting on it could last forever
+            memory, wait = need_only_args(total), None
         if wait:
             if st.state != "waiting":
                 logger.info("worker %d: kernel warm-up waits: %s", w.slot, wait)

@@ -126,15 +126,17 @@ class WorkerHandle:
             self.on_exit(self, rc)
 
     def memory_now(self) -> tuple[int, int, int]:
-        """(own memory, device free, device total) now. A GPU worker whose own figures
-        come from NVML is read again here, by its PID on its device (the worker reports
-        only when its state changes: a parked worker's last report is from serving);
-        otherwise what the worker last reported."""
-        if self.memory_source == "nvml" and self.device_uuid and self.alive():
+        """(own memory, device free, device total) now. A GPU worker's device is read
+        again here through NVML (the worker reports only when its state changes: a parked
+        worker's last report is from serving), and its own figure too where it comes from
+        NVML; otherwise what the worker last reported."""
+        if self.device_uuid and self.alive():
             reading = device_memory.read_device(self.device_uuid)
-            own = device_memory.own_bytes(reading, self.pid)
-            if own is not None:
-                return own, reading.free_bytes, reading.total_bytes
+            if reading is not None:
+                own = device_memory.own_bytes(reading, self.pid) \
+                    if self.memory_source == "nvml" else None
+                return (self.memory_bytes if own is None else own, reading.free_bytes,
+                        reading.total_bytes)
         return self.memory_bytes, self.device_free_bytes, self.device_total_bytes
 
     def send(self, cmd: messages.Command) -> bool:

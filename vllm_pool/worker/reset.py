@@ -455,7 +455,7 @@ def gpu_figures(reading, pid: int, torch_reserved_bytes: int, free: int,
     from vllm_pool import device_memory
 
     own = device_memory.own_bytes(reading, pid)
-    uuid = reading.uuid if reading is not None else ""
+    uuid = reading.uuid if reading is not None else ""  # the daemon reads the device by it
     if own is None:
         return MemoryFigures(torch_reserved_bytes, SOURCE_TORCH, free, total, uuid)
     return MemoryFigures(own, SOURCE_NVML, free, total, uuid)
