@@ -2,7 +2,9 @@
 
 Each cycle attaches one of two models (alternating), sends one completion, detaches, waits
 until every worker is idle again, and then records, per worker: RSS (/proc), the memory
-the daemon reports (`memory_bytes`: device memory on a GPU, RSS on the CPU), threads,
+the daemon reports (`memory_bytes`: on a GPU that worker's own process's device memory, from
+NVML, never the device's total, which other processes on it would move; RSS on the CPU;
+`memory_source` says which, and the JSON keeps it per worker), threads,
 open fds and /dev/shm mappings; and for the pool: the /dev/shm entries, the new ones that
 no live process maps (leaks), and the files in the pool's run directory. Where the pool has
 two workers, every `--tp2-every`-th cycle is a TP=2 attach over both; TP=1 cycles alternate
@@ -113,7 +115,8 @@ def sample(pool_url: str, run_dir: str | None, shm_start: set[str]) -> dict:
     workers = {}
     for w in call("GET", pool_url + "/workers")[1]:
         pid = w["pid"]
-        rec = {"pid": pid, "state": w["state"], "memory_bytes": w["memory_bytes"]}
+        rec = {"pid": pid, "state": w["state"], "memory_bytes": w["memory_bytes"],
+               "memory_source": w.get("memory_source", "")}
         rec.update(proc_status(pid))
         rec["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
         maps = shm_mapped_by(pid)
@@ -246,7 +249,10 @@ def summarize(rows: list[dict], start_pids: dict, warmup: int, elapsed: float,
         slopes[f"pool.{k}"] = {"slope_per_100": round(slope_per_100(ys), 3), "first": ys[0],
                                "last": ys[-1], "min": min(ys), "max": max(ys)}
     att = sorted(r["attach_s"] for r in rows)
+    sources = {slot: sorted({r["workers"][slot].get("memory_source", "") for r in rows})
+               for slot in start_pids}
     return {"cycles": len(rows), "warmup": warmup, "elapsed_s": round(elapsed, 1),
+            "memory_sources": sources,
             "attach_s_median": att[len(att) // 2], "tp2_cycles": sum(r["tp"] == 2 for r in rows),
             "respawned": respawned, "failed_attaches": failures, "slopes": slopes,
             "rows": rows}
@@ -262,7 +268,8 @@ def table(res: dict) -> str:
              + (f", GPUs: {', '.join(m['gpus'])}" if m["gpus"] else ", no GPU")
              + f"; vLLM {res['vllm_version']}",
              f"workers respawned: {res['respawned'] or 'none'}; failed attaches: "
-             f"{len(res['failed_attaches'])}",
+             f"{len(res['failed_attaches'])}; memory_bytes from "
+             f"{res.get('memory_sources') or '?'} (nvml: each worker's own device memory)",
              f"{'series':<28} {'slope/100 cycles':>18} {'first':>14} {'last':>14} "
              f"{'min':>14} {'max':>14}"]
     for k, v in res["slopes"].items():

@@ -287,6 +287,7 @@ def test_kernel_warmup_then_attach_matches_plain(logs, model_a, reference):
         w = d.workers()[0]
         assert w["state"] == "idle" and w["pid"] == warming_pid and w["restarts"] == 0, w
         assert w["kernel_warmup_s"] > 0, w
+        assert w["kernel_warmup"]["state"] == "done" and w["kernel_warmup"]["failures"] == 0, w
         assert d.instances() == []
 
         inst = _ok(d.attach(model_a, name="after-warmup"))

@@ -11,7 +11,8 @@ import os
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vllm_pool")
 
 LAYERS = [  # (layer, module prefixes), bottom first
-    (0, ("states", "messages", "compat", "api_models", "access", "client", "logs", "testing")),
+    (0, ("states", "messages", "compat", "api_models", "access", "client", "logs", "testing",
+         "device_memory")),
     (1, ("worker", "engine", "executor")),
     (2, ("daemon",)),
     (3, ("gateway",)),

@@ -44,6 +44,17 @@ class InstanceInfo(BaseModel):
     parked_at: float | None = None
     host_bytes: int = Field(0, description="parked: host memory it holds (RSS over idle)")
     woken: bool = Field(False, description="the last attach request woke it from parking")
+    device_bytes: int | None = Field(None, description="GPU: its workers' own device memory "
+                                     "now (per process; parked: what it still holds there)")
+
+
+class KernelWarmupInfo(BaseModel):
+    state: str = Field(description="pending|running|waiting (for room on the device)|"
+                                   "retrying|done|failed (gave up; serves without it)|off")
+    attempts: int
+    failures: int
+    error: str | None = Field(description="the last failure, or why it waits")
+    retry_in_s: float | None
 
 
 class WorkerInfo(BaseModel):
@@ -52,10 +63,17 @@ class WorkerInfo(BaseModel):
     state: WorkerState
     pid: int | None
     instance_id: str | None
-    memory_bytes: int
-    baseline_bytes: int
+    memory_bytes: int = Field(description="this worker's own memory: on a GPU its process's "
+                              "device memory (NVML, CUDA context included), on CPU its RSS")
+    baseline_bytes: int = Field(description="the same figure when idle after warm-up")
+    memory_source: str = Field("", description="nvml | torch (no per-process figure from "
+                               "NVML: PyTorch's reserved memory) | rss (CPU)")
+    device_free_bytes: int | None = Field(None, description="GPU: free on the whole device "
+                                          "(all processes)")
+    device_total_bytes: int | None = None
     start_s: float = Field(description="the process's start: imports and CUDA context")
     kernel_warmup_s: float = Field(description="the pool's kernel warm-up attach on it")
+    kernel_warmup: KernelWarmupInfo | None = None
     restarts: int
     error: str | None
 

@@ -123,11 +123,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
                          indent=2))
         return 0
     names = {i.id: i.name for i in instances}
-    print(f"{'SLOT':<5}{'DEVICE':<9}{'STATE':<11}{'PID':<9}{'INSTANCE':<20}{'MEMORY':<10}IDLE")
+    # MEMORY and IDLE: the worker's own (GPU: its process, NVML); DEVICE FREE: the device's.
+    print(f"{'SLOT':<5}{'DEVICE':<9}{'STATE':<11}{'PID':<9}{'INSTANCE':<20}{'MEMORY':<10}"
+          f"{'IDLE':<10}DEVICE FREE")
     for w in workers:
+        free = w.device_free_bytes
         print(f"{w.slot:<5}{w.device:<9}{w.state.value:<11}{str(w.pid):<9}"
               f"{names.get(w.instance_id, w.instance_id or '-'):<20}"
-              f"{_mib(w.memory_bytes):<10}{_mib(w.baseline_bytes)}")
+              f"{_mib(w.memory_bytes):<10}{_mib(w.baseline_bytes):<10}"
+              + (f"{_mib(free)} of {_mib(w.device_total_bytes)}" if free is not None else "-"))
+        wu = w.kernel_warmup
+        if wu is not None and wu.state in ("waiting", "retrying", "failed"):
+            retry = f", next try in {wu.retry_in_s:.0f}s" if wu.retry_in_s else ""
+            print(f"    kernel warm-up {wu.state} ({wu.failures} failed{retry}): {wu.error}")
     print()
     print(f"{'NAME':<20}{'MODEL':<32}{'TP':<4}{'PORT':<7}{'STATE':<11}{'UPTIME':<9}ATTACH")
     for i in instances:

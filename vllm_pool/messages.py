@@ -49,7 +49,11 @@ Command = Lease | Release | Abort | Shutdown
 # (RESERVED, WARMING, PARKED) and maps each event to a transition (daemon/pool.py).
 class _Event(msgspec.Struct, tag=True):
     pid: int
-    memory_bytes: int = 0           # the worker's own memory in use (device or RSS)
+    memory_bytes: int = 0           # this worker's own memory: GPU per process (NVML), CPU RSS
+    memory_source: str = ""         # reset.MemoryFigures.source: nvml | torch | rss
+    device_free_bytes: int = 0      # GPU: free on the whole device (all processes)
+    device_total_bytes: int = 0
+    device_uuid: str = ""           # NVML UUID of the worker's GPU (the daemon reads it live)
 
 
 class Idle(_Event):

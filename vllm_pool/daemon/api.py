@@ -11,7 +11,9 @@ import time
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 
-from vllm_pool.api_models import AttachBody, Health, InstanceInfo, WorkerInfo
+from vllm_pool.api_models import (AttachBody, Health, InstanceInfo, KernelWarmupInfo,
+                                  WorkerInfo)
+from vllm_pool.daemon import parking
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Instance, Pool
 from vllm_pool.daemon.workers import WorkerHandle
@@ -26,14 +28,28 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
         engine_host=i.engine_host, created_at=i.created_at,
         uptime_s=(time.time() - i.ready_at) if i.ready_at and i.state == InstanceState.SERVING
         else None, phases={k: round(v, 4) for k, v in i.phases.items()}, error=i.error,
-        parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken)
+        parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken,
+        device_bytes=parking.device_bytes([pool.workers[s] for s in i.slots
+                                           if s in pool.workers]))
 
 
 def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
+    own, free, total = w.memory_now()
+    on_gpu = w.device.startswith("cuda")
+    wu = w.warmup_status
+    off = pool.cfg.kernel_warmup == "off" or (w.extra and wu.state == "pending")
     return WorkerInfo(slot=w.slot, device=w.device, state=w.state, pid=w.pid,
-                      instance_id=w.instance_id, memory_bytes=w.memory_bytes,
-                      baseline_bytes=w.baseline_bytes, start_s=round(w.start_s, 3),
+                      instance_id=w.instance_id, memory_bytes=own,
+                      baseline_bytes=w.baseline_bytes, memory_source=w.memory_source,
+                      device_free_bytes=free if on_gpu and total else None,
+                      device_total_bytes=total if on_gpu and total else None,
+                      start_s=round(w.start_s, 3),
                       kernel_warmup_s=round(w.kernel_warmup_s, 3),
+                      kernel_warmup=KernelWarmupInfo(
+                          state="off" if off else wu.state, attempts=wu.attempts,
+                          failures=wu.failures, error=wu.error,
+                          retry_in_s=None if wu.retry_at is None
+                          else round(max(0.0, wu.retry_at - time.time()), 1)),
                       restarts=max(0, w.restarts), error=w.error)
 
 
@@ -104,9 +120,11 @@ def build_app(pool: Pool) -> FastAPI:
     def health() -> Health:
         ws = list(pool.workers.values())
         idle = sum(w.state == WorkerState.IDLE for w in ws)
-        # Workers started beside parked ones do not make the pool unready while they warm.
+        # Workers started beside parked ones do not make the pool unready while they warm,
+        # nor do workers retrying a kernel warm-up (they served meanwhile).
         ok = all(w.state not in (WorkerState.STARTING, WorkerState.WARMING, WorkerState.FAILED,
                                  WorkerState.BROKEN)
+                 or (w.state == WorkerState.WARMING and w.warmup_status.released)
                  for w in ws if not w.extra)
         if pool.stopping or not ok or not pool.engines.ready():
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")

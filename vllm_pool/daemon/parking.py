@@ -86,6 +86,18 @@ def process_rss(pid: int | None) -> int:
     return 0
 
 
+def device_bytes(workers: Sequence) -> int | None:
+    """GPU: the device memory an instance's workers hold now, each its own process's
+    figure (NVML; a parked instance keeps its CUDA contexts and what sleep does not free),
+    never the device's total, which counts every other model on it. None on CPU, or where
+    a worker has no per-process figure. `workers`: WorkerHandles."""
+    if not workers or not all(w.device.startswith("cuda") for w in workers):
+        return None
+    if not all(w.memory_source == "nvml" for w in workers):
+        return None
+    return sum(w.memory_now()[0] for w in workers)
+
+
 def default_budget_bytes() -> int:
     """Half the machine's RAM: parked weights must never push the host into swap."""
     try:

@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from vllm_pool import messages
+from vllm_pool import device_memory, messages
+from vllm_pool.daemon import kernel_warmup
 from vllm_pool.daemon.background import start_thread
 from vllm_pool.states import Stateful, WorkerState, transition
 
@@ -49,10 +50,15 @@ class WorkerHandle(Stateful):
         # "idle", "attaching", "serving", ... The allocation state is `state`.
         self.phase = "starting"
         self.pid: int | None = None
-        self.memory_bytes = 0
+        self.memory_bytes = 0              # the worker's own memory, as it last reported it
         self.baseline_bytes = 0
+        self.memory_source = ""            # nvml | torch | rss (reset.MemoryFigures)
+        self.device_free_bytes = 0
+        self.device_total_bytes = 0
+        self.device_uuid = ""
         self.start_s = 0.0                 # the process's start: imports, CUDA context
         self.kernel_warmup_s = 0.0         # the pool's kernel warm-up attach on this process
+        self.warmup_status = kernel_warmup.WarmupStatus()
         self.error: str | None = None
         self.shm_names: list[str] = []
         self.phases: dict[str, float] = {}
@@ -90,6 +96,7 @@ class WorkerHandle(Stateful):
         self.phase = "starting"
         self.restarts += 1
         self.kernel_warmup_s = 0.0
+        self.warmup_status = kernel_warmup.WarmupStatus()
         if self.state != WorkerState.STARTING:  # a respawn
             transition(self, WorkerState.STARTING, instance_id=None, error=None)
         start_thread(f"PoolWorkerEvents-{self.slot}", self._read_events, evt_r, self.proc)
@@ -102,11 +109,28 @@ class WorkerHandle(Stateful):
                 except msgspec.DecodeError:
                     continue
                 self.memory_bytes = ev.memory_bytes
+                self.memory_source, self.device_uuid = ev.memory_source, ev.device_uuid
+                self.device_free_bytes = ev.device_free_bytes
+                self.device_total_bytes = ev.device_total_bytes
                 self.on_event(self, ev)
         # EOF: the process is gone (or going). Reap it so no zombie stays.
         rc = proc.wait()
         if proc is self.proc:
             self.on_exit(self, rc)
+
+    def memory_now(self) -> tuple[int, int, int]:
+        """(own memory, device free, device total) now. A GPU worker's device is read
+        again here through NVML (the worker reports only when its state changes: a parked
+        worker's last report is from serving), and its own figure too where it comes from
+        NVML; otherwise what the worker last reported."""
+        if self.device_uuid and self.alive():
+            reading = device_memory.read_device(self.device_uuid)
+            if reading is not None:
+                own = device_memory.own_bytes(reading, self.pid) \
+                    if self.memory_source == "nvml" else None
+                return (self.memory_bytes if own is None else own, reading.free_bytes,
+                        reading.total_bytes)
+        return self.memory_bytes, self.device_free_bytes, self.device_total_bytes
 
     def send(self, cmd: messages.Command) -> bool:
         with self.changed:

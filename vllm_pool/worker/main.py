@@ -78,12 +78,16 @@ class PoolWorker:
     def emit(self, kind, **kw) -> None:
         """Report this process's phase (a messages.Event class) with its memory in use."""
         from vllm_pool import messages
-        from vllm_pool.worker.reset import memory_in_use
+        from vllm_pool.worker.reset import memory_figures
 
         if kind is messages.Idle:
             kw.update(baseline_bytes=self.baseline.device_bytes if self.baseline else 0,
                       start_s=self.start_s)
-        ev = kind(pid=os.getpid(), memory_bytes=memory_in_use(self.device), **kw)
+        figs = memory_figures(self.device)
+        ev = kind(pid=os.getpid(), memory_bytes=figs.own_bytes, memory_source=figs.source,
+                  device_free_bytes=figs.device_free_bytes,
+                  device_total_bytes=figs.device_total_bytes, device_uuid=figs.device_uuid,
+                  **kw)
         with self.evt_lock:
             try:
                 self.evt.write(messages.encode(ev))
@@ -126,9 +130,22 @@ class PoolWorker:
                                           sleep_backend.KeptCopyBackend.__name__)
         for part, secs in compat.prepay_once_per_process(self.device).items():
             logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
-        from vllm_pool.worker.reset import IdleBaseline, clean_check, freeze_idle_heap
+        from vllm_pool.worker.reset import (IdleBaseline, clean_check, device_uuid,
+                                            freeze_idle_heap)
 
         self.baseline = IdleBaseline.measure(self.device)
+        if self.device.type == "cuda":
+            from vllm_pool import device_memory
+
+            if self.baseline.source == "nvml":
+                logger.info("worker %d: own device memory from NVML (%s): %.0f MiB idle",
+                            self.slot, device_uuid(self.device),
+                            self.baseline.device_bytes / 2**20)
+            else:
+                logger.warning("worker %d: NVML gives no per-process device memory (%s); "
+                               "the clean check covers PyTorch's allocator only", self.slot,
+                               device_memory.unavailable_reason()
+                               or "no figure for this process")
         err = clean_check(self.device, self.baseline, 1 << 62, 0)
         if err:
             raise RuntimeError(err)
@@ -230,7 +247,7 @@ class PoolWorker:
             os._exit(1)
         over = (memory_in_use(self.device) - self.baseline.device_bytes) / 2**20
         if self.device.type == "cuda":
-            logger.info("worker %d clean after detach of %s: device memory %+.0f MiB over idle "
+            logger.info("worker %d clean after detach of %s: own device memory %+.0f MiB over idle "
                         "(PyTorch %+.0f MiB; the rest is CUDA context kept for the next "
                         "attach)", self.slot, instance_id, over,
                         (torch_reserved(self.device) - self.baseline.torch_bytes) / 2**20)

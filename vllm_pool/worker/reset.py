@@ -142,14 +142,16 @@ def _drop_model(proc: Any) -> None:
 
 @dataclass
 class IdleBaseline:
-    """The idle worker's footprint, measured once after warm-up."""
-    device_bytes: int = 0  # device memory in use (GPU: whole device) or RSS (CPU)
+    """The idle worker's footprint, measured after start and again after the kernel warm-up."""
+    device_bytes: int = 0  # this worker's own memory (memory_figures: NVML on a GPU, RSS on CPU)
     torch_bytes: int = 0   # what PyTorch's CUDA allocator holds
     live: dict[str, int] = field(default_factory=dict)  # live_attach_objects()
+    source: str = ""       # MemoryFigures.source of device_bytes
 
     @classmethod
     def measure(cls, device: torch.device | None) -> "IdleBaseline":
-        return cls(memory_in_use(device), torch_reserved(device), live_attach_objects())
+        figs = memory_figures(device)
+        return cls(figs.own_bytes, torch_reserved(device), live_attach_objects(), figs.source)
 
 
 def torch_reserved(device: torch.device | None) -> int:
@@ -174,21 +176,41 @@ def clean_check(device: torch.device | None, base: IdleBaseline, slack: int,
         return "objects of the attach are still alive: " + ", ".join(
             f"{n} {name}" for name, n in sorted(alive.items()))
     if device is not None and device.type == "cuda":
-        held = torch_reserved(device) - base.torch_bytes
-        if held > slack:
-            return (f"PyTorch still holds {held / 2**20:.0f} MiB of device memory "
-                    f"(allowed {slack / 2**20:.0f} MiB)")
-        used = memory_in_use(device) - base.device_bytes
-        if used > slack + context_allowance:
-            return (f"device memory is {used / 2**20:.0f} MiB above the idle baseline "
-                    f"{base.device_bytes / 2**20:.0f} MiB (allowed {slack / 2**20:.0f} MiB "
-                    f"+ {context_allowance / 2**20:.0f} MiB of CUDA context)")
+        err = device_memory_verdict(base, torch_reserved(device), memory_figures(device),
+                                    slack, context_allowance)
+        if err:
+            return err
     try:  # a small kernel still runs on the device
         x = torch.ones(8, device=device or "cpu")
         if float((x + x).sum()) != 16.0:
             return "device check kernel gave a wrong result"
     except Exception as e:
         return f"device check kernel failed: {e}"
+    return None
+
+
+def device_memory_verdict(base: IdleBaseline, torch_now: int, figs: "MemoryFigures",
+                          slack: int, context_allowance: int) -> str | None:
+    """The device-memory part of the clean check, from readings (pure).
+
+    PyTorch's allocator must be back within `slack` of idle. Then this process's own
+    figure now against its own idle figure: both include the CUDA context, so what is
+    compared is the context's growth plus whatever the attach left outside PyTorch's
+    allocator (NCCL buffers, sleep mode's cuMem pools), within `slack` +
+    `context_allowance`. Without a per-process figure (no NVML, MIG), now or at idle,
+    only the first check applies: the device's total would count other processes' models
+    as this worker's."""
+    held = torch_now - base.torch_bytes
+    if held > slack:
+        return (f"PyTorch still holds {held / 2**20:.0f} MiB of device memory "
+                f"(allowed {slack / 2**20:.0f} MiB)")
+    if figs.source == base.source == SOURCE_NVML:
+        used = figs.own_bytes - base.device_bytes
+        if used > slack + context_allowance:
+            return (f"this worker's device memory is {used / 2**20:.0f} MiB above its "
+                    f"idle baseline {base.device_bytes / 2**20:.0f} MiB (allowed "
+                    f"{slack / 2**20:.0f} MiB + {context_allowance / 2**20:.0f} MiB of "
+                    f"CUDA context)")
     return None
 
 
@@ -251,7 +273,10 @@ def describe_live_objects(device, live_baseline: dict[str, int] | None = None,
 def describe_cuda_memory(device) -> str:
     """What of the device memory in use PyTorch's allocator holds, and in which pools
     (a pool id other than (0, 0) is a CUDA graph's private pool)."""
-    line = (f"cuda: in use {memory_in_use(device) / 2**20:.0f} MiB, torch reserved "
+    figs = memory_figures(device)
+    line = (f"cuda: this process {figs.own_bytes / 2**20:.0f} MiB ({figs.source}), device "
+            f"free {figs.device_free_bytes / 2**20:.0f} of "
+            f"{figs.device_total_bytes / 2**20:.0f} MiB, torch reserved "
             f"{torch_reserved(device) / 2**20:.0f} MiB, allocated "
             f"{torch.cuda.memory_allocated(device) / 2**20:.0f} MiB")
     try:
@@ -370,16 +395,75 @@ def _path(top, parent) -> str:
     return " <- ".join(reversed(chain))
 
 
-def memory_in_use(device: torch.device | None) -> int:
-    """Device memory in use on this worker's GPU (all processes), or this process's RSS."""
+SOURCE_NVML = "nvml"    # the driver's per-process figure (CUDA context included)
+SOURCE_TORCH = "torch"  # NVML gave none: PyTorch's reserved memory (no context, no NCCL)
+SOURCE_RSS = "rss"      # a CPU worker: resident host memory
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """This worker's own memory, and the room on its device (which all processes share)."""
+    own_bytes: int
+    source: str
+    device_free_bytes: int = 0   # GPU: free on the whole device (what vLLM's start-up checks)
+    device_total_bytes: int = 0
+    device_uuid: str = ""        # the NVML UUID, for the daemon's own readings
+
+
+_uuids: dict[int, str | None] = {}
+
+
+def device_uuid(device: torch.device | None) -> str | None:
+    """The NVML UUID of this worker's CUDA device (cached; None without NVML)."""
+    if device is None or device.type != "cuda":
+        return None
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _uuids:
+        from vllm_pool import device_memory
+
+        try:
+            cuda_uuid = str(torch.cuda.get_device_properties(idx).uuid)
+        except Exception:  # noqa: BLE001 - older torch: map through CUDA_VISIBLE_DEVICES
+            cuda_uuid = None
+        _uuids[idx] = device_memory.handle_uuid(
+            cuda_uuid, os.environ.get("CUDA_VISIBLE_DEVICES"), idx)
+    return _uuids[idx]
+
+
+def memory_figures(device: torch.device | None) -> MemoryFigures:
+    """GPU: this process's own device memory from NVML, else PyTorch's reserved memory;
+    the device's free and total memory beside it. CPU: this process's RSS, as before."""
     if device is not None and device.type == "cuda":
+        from vllm_pool import device_memory
+
         free, total = torch.cuda.mem_get_info(device)
-        return total - free
+        uuid = device_uuid(device)
+        return gpu_figures(device_memory.read_device(uuid), os.getpid(),
+                           torch_reserved(device), free, total)
     try:
         with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        return 0
+        rss = 0
+    return MemoryFigures(rss, SOURCE_RSS)
+
+
+def gpu_figures(reading, pid: int, torch_reserved_bytes: int, free: int,
+                total: int) -> MemoryFigures:
+    """A GPU worker's figures from readings (pure): its own entry in NVML's reading of its
+    device (a device_memory.DeviceReading, or None), else PyTorch's reserved memory."""
+    from vllm_pool import device_memory
+
+    own = device_memory.own_bytes(reading, pid)
+    uuid = reading.uuid if reading is not None else ""  # the daemon reads the device by it
+    if own is None:
+        return MemoryFigures(torch_reserved_bytes, SOURCE_TORCH, free, total, uuid)
+    return MemoryFigures(own, SOURCE_NVML, free, total, uuid)
+
+
+def memory_in_use(device: torch.device | None) -> int:
+    """This worker's own memory: see memory_figures."""
+    return memory_figures(device).own_bytes
 
 
 def freeze_idle_heap(collect: bool = True) -> None:
