@@ -102,3 +102,20 @@ def test_no_import_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m)
+
+
+# The modules that subclass vLLM's classes, and so import vLLM themselves (compat.py says
+# why); every other module reaches vLLM through compat.
+VLLM_IMPORTERS = {"compat", "executor", "worker.proc", "worker.sleep_backend"}
+
+
+def test_only_compat_and_the_subclass_modules_import_vllm():
+    bad = []
+    for mod, path in sorted(_modules().items()):
+        for node in ast.walk(ast.parse(open(path).read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if any(n == "vllm" or n.startswith("vllm.") for n in names) \
+                    and mod not in VLLM_IMPORTERS:
+                bad.append(f"vllm_pool.{mod} imports {names[0]} (line {node.lineno})")
+    assert not bad, "\n".join(bad)

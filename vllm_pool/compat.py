@@ -5,6 +5,12 @@ internals only through this module, so a new vLLM release is checked here first:
 `REQUIRED_SYMBOLS` is verified at start-up (`check_vllm()`), and each helper below names
 the version difference it hides.
 
+Which files may import vLLM: this one, and the three that subclass vLLM's classes and so
+must import them at module level: `executor.py` (MultiprocExecutor), `worker/proc.py`
+(WorkerProc) and `worker/sleep_backend.py` (vLLM's sleep-mode backend). The private methods
+they override are listed in REQUIRED_SYMBOLS too, so a rename in vLLM stops the pool at
+start-up naming the symbol, not in the middle of an attach.
+
 Differences handled here (0.26 -> 0.32):
 - `MessageQueue.__init__` gained `enable_shm_tensor_arena` (0.32).
 - `MultiprocExecutor` picks a `file://` store for torch.distributed (0.32) instead of a
@@ -425,6 +431,53 @@ WARMUP_PARTS = (
     ("vllm.compilation.compiler_interface", "trigger_inductor_lazy_init", "inductor_lazy_init"),
 )
 _warmup_sink: dict[str, float] | None = None
+
+
+def resolve_obj_by_qualname(qualname: str) -> Any:
+    """vLLM's own resolver (moved to vllm.utils.import_utils in 0.27)."""
+    try:
+        from vllm.utils.import_utils import resolve_obj_by_qualname as resolve
+    except ImportError:  # 0.26 layout
+        from vllm.utils import resolve_obj_by_qualname as resolve  # type: ignore
+    return resolve(qualname)
+
+
+def destroy_model_parallel() -> None:
+    from vllm.distributed import destroy_model_parallel as destroy
+
+    destroy()
+
+
+def destroy_distributed_environment() -> None:
+    from vllm.distributed import destroy_distributed_environment as destroy
+
+    destroy()
+
+
+def prepare_worker_process(device_spec: str) -> Any:
+    """A pool worker's start: import what an attach would otherwise import on its critical
+    path (vLLM's worker modules for this platform, a common architecture) and, on a GPU,
+    make the CUDA context now. Returns the worker's torch.device."""
+    import torch
+
+    import vllm.v1.executor.multiproc_executor  # noqa: F401
+    import vllm.v1.worker.worker_base  # noqa: F401
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        import vllm.v1.worker.cpu_worker  # noqa: F401
+        device = torch.device("cpu")
+    else:
+        import vllm.v1.worker.gpu_worker  # noqa: F401
+        device = torch.device("cuda", int(device_spec.split(":")[1]))
+        torch.cuda.set_device(device)
+        torch.zeros(1, device=device)  # make the CUDA context now
+        torch.cuda.synchronize(device)
+    try:
+        import vllm.model_executor.models.llama  # noqa: F401  common architecture
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
+    return device
 
 
 def time_warmup_parts() -> None:

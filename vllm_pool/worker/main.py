@@ -96,30 +96,10 @@ class PoolWorker:
 
     # ---- start-up --------------------------------------------------------------
     def start_up(self) -> None:
-        import torch
-
         from vllm_pool import compat
 
         compat.check_vllm()
-        # Import what an attach would otherwise import on its critical path.
-        import vllm.v1.executor.multiproc_executor  # noqa: F401
-        import vllm.v1.worker.worker_base  # noqa: F401
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cpu():
-            import vllm.v1.worker.cpu_worker  # noqa: F401
-            self.device = torch.device("cpu")
-        else:
-            import vllm.v1.worker.gpu_worker  # noqa: F401
-            idx = int(self.device_spec.split(":")[1])
-            self.device = torch.device("cuda", idx)
-            torch.cuda.set_device(self.device)
-            torch.zeros(1, device=self.device)  # make the CUDA context now
-            torch.cuda.synchronize(self.device)
-        try:
-            import vllm.model_executor.models.llama  # noqa: F401  common architecture
-        except Exception:
-            pass
+        self.device = compat.prepare_worker_process(self.device_spec)
         compat.time_warmup_parts()
         try:
             from vllm_pool.worker import sleep_backend

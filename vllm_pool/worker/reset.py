@@ -49,11 +49,7 @@ class ProcessSnapshot:
         if not isinstance(qualname, str) or qualname == "auto":
             return
         try:
-            from vllm.utils.import_utils import resolve_obj_by_qualname
-        except ImportError:  # pragma: no cover - older layout
-            from vllm.utils import resolve_obj_by_qualname  # type: ignore
-        try:
-            klass = resolve_obj_by_qualname(qualname)
+            klass = compat.resolve_obj_by_qualname(qualname)
             self.class_bases[klass] = klass.__bases__
         except Exception:  # the attach will fail on it with vLLM's own error
             pass
@@ -84,8 +80,6 @@ class ProcessSnapshot:
 
 def teardown(proc: Any, snap: ProcessSnapshot) -> None:
     """Release everything a PoolWorkerProc built. Never raises."""
-    from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
-
     # vLLM freezes the GC heap after start-up (freeze_gc_heap): frozen objects are never
     # collected, so the whole model runner, KV cache included, would survive the detach.
     steps = [("gc unfreeze", gc.unfreeze)]
@@ -101,8 +95,8 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
         ]
     steps += [
         ("gc", gc.collect),
-        ("model parallel groups", destroy_model_parallel),
-        ("distributed environment", destroy_distributed_environment),
+        ("model parallel groups", compat.destroy_model_parallel),
+        ("distributed environment", compat.destroy_distributed_environment),
         ("dynamo", torch.compiler.reset),
         ("dynamo hooks and globals", snap.drop_compile_state),
         ("vllm globals", compat.reset_vllm_globals),
