@@ -12,9 +12,11 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 PTH_NAME = "vllm_pool_route.pth"
-PTH_LINE = ('import sys; exec("try:\\n from vllm_pool.route import at_startup\\n at_startup()\\n'
-            'except Exception:\\n pass") if not {"serve-pool", "attach", "detach", "pool"}'
-            '.isdisjoint(getattr(sys, "orig_argv", ())) else None\n')
+# The set test is all that runs where none of the words is on the command line (about
+# 20 us to compile at each start, under 1 us to run); requires-python >= 3.10: orig_argv.
+PTH_LINE = ('import sys; {"serve-pool", "attach", "detach", "pool"}.isdisjoint(sys.orig_argv) '
+            'or exec("try:\\n from vllm_pool.route import at_startup; at_startup()\\n'
+            'except Exception: pass")\n')
 
 
 class build_py_with_pth(build_py):
