@@ -137,8 +137,12 @@ def main() -> int:
                                        text=True).stdout.strip() == "True",
         "imports_route_without_words": active == "True",
         "vllm_cmd": vllm, "pool_cmd": pool_cli, "pool": a.pool or "closed port",
-        "pth": pth_cost(py, 2000), "startup": startup_ab(py, a.startup_reps),
+        "pth": pth_cost(py, 2000),
     }
+    try:
+        out["startup"] = startup_ab(py, a.startup_reps)
+    except (subprocess.CalledProcessError, AssertionError) as e:  # e.g. no venv module
+        out["startup"] = {"error": repr(e)}
     cmds = {"vllm pool ls": vllm + ["pool", "ls", "--pool", url],
             "vllm-pool ls": pool_cli + ["ls", "--pool", url],
             "vllm attach --help": vllm + ["attach", "--help"],
