@@ -178,6 +178,10 @@ def test_wheel_install_carries_the_pth(tmp_path, venv):
     a = _run([wheel.vllm, "pool", "ls", "--pool", CLOSED])
     b = _run([wheel.vllm_pool, "ls", "--pool", CLOSED])
     assert (a.returncode, a.stderr) == (b.returncode, b.stderr) and a.returncode == 1
+    # Uninstalling takes the line away with the package.
+    r = _run([wheel.python, "-m", "pip", "uninstall", "-y", "-q", "vllm-pool"])
+    assert r.returncode == 0 and not (wheel.site / PTH).exists(), r.stderr
+    assert _run([wheel.python, "-c", "print('ok')", "pool"]).stdout == "ok\n"
 
 
 def _shadow(tmp_path: Path) -> str:
