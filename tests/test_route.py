@@ -237,11 +237,12 @@ def test_vllm_serve_pool_is_the_daemon(venv, logs):
     """`vllm serve-pool` becomes the daemon in the same process: SIGTERM to the PID the
     shell started stops the pool and everything it started."""
     port = helpers.free_port()
+    devices = ["--gpus", helpers.GPUS.split(",")[0]] if helpers.GPUS else ["--cpu-slots", "1"]
     log_dir = os.path.join(logs, "route-serve-pool")
     os.makedirs(log_dir, exist_ok=True)
     with open(os.path.join(log_dir, "daemon.out"), "ab") as out:
         proc = subprocess.Popen(
-            [str(venv.vllm), "serve-pool", "--cpu-slots", "1", "--engine-spares", "0",
+            [str(venv.vllm), "serve-pool", *devices, "--engine-spares", "0",
              "--port", str(port), "--log-dir", log_dir],
             stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     try:
