@@ -16,7 +16,7 @@ LAYERS = [  # (layer, module prefixes), bottom first
     (1, ("worker", "engine", "executor")),
     (2, ("daemon",)),
     (3, ("gateway",)),
-    (4, ("cli", "plugin", "__main__", "route", "_route")),
+    (4, ("cli", "plugin", "__main__", "route", "vllm_main")),
 ]
 
 

@@ -1,10 +1,12 @@
-"""vLLM general plugin: routes `vllm serve-pool|attach|detach|pool ls` to vllm-pool.
+"""vLLM general plugin: the second path of the `vllm` command's route (route.py is the first).
 
-vLLM's CLI has a fixed list of subcommands and no hook to add one, but it loads general
-plugins (entry-point group `vllm.general_plugins`) in its own main process before it
-parses the command line. There, and only there, this plugin takes the pool's commands.
-Every other vLLM process (API server, EngineCore, workers) also loads plugins and
-inherits the parent's argv, so the check on the process is what keeps them out.
+Where site.py reads no .pth files (`python -S`; a `pip install --target DIR` used through
+PYTHONPATH, as on the GPU kit) route.py's line never runs, but vLLM still finds this entry
+point (group `vllm.general_plugins`) and loads it in its CLI's main process before it parses
+the command line, after its subcommand modules are imported (seconds to tens of seconds).
+There, and only there, this plugin takes the pool's commands. Every other vLLM process (API
+server, EngineCore, workers) also loads plugins and inherits the parent's argv, so the
+check on the process is what keeps them out.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import multiprocessing
 import os
 import sys
 
-ROUTES = {"serve-pool": ["serve"], "attach": ["attach"], "detach": ["detach"],
-          "pool": []}  # `vllm pool ls` -> `vllm-pool ls`
+from vllm_pool.route import ROUTES, VLLM_CLI_MODULE, pool_argv
 
 
 def _in_vllm_cli_main() -> bool:
@@ -22,8 +23,7 @@ def _in_vllm_cli_main() -> bool:
         return False
     prog = os.path.basename(sys.argv[0]) if sys.argv else ""
     main_mod = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return prog == "vllm" or (main_mod is not None
-                              and main_mod.name == "vllm.entrypoints.cli.main")
+    return prog == "vllm" or (main_mod is not None and main_mod.name == VLLM_CLI_MODULE)
 
 
 def register() -> None:
@@ -31,5 +31,4 @@ def register() -> None:
         return
     from vllm_pool.cli import main
 
-    argv = ROUTES[sys.argv[1]] + sys.argv[2:]
-    sys.exit(main(argv, prog="vllm"))
+    sys.exit(main(pool_argv(sys.argv[1:]), prog="vllm"))
