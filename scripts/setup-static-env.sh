@@ -56,6 +56,8 @@ if [ "$have" != "$STATIC_VLLM $STATIC_TORCH" ]; then
   trap 'rm -f "$reqs" "$pins"' EXIT
   "$PY" scripts/wheel_requirements.py "$wheel" > "$reqs"
   echo "torch==$STATIC_TORCH" > "$pins"
+  echo "(pip's resolver then names vLLM's unmet pins: torch $STATIC_TORCH for its own, no" \
+    "torchvision/torchaudio/torchcodec/flashinfer; this recipe leaves them so on purpose)"
   quiet "$PY" -m pip install -q -r "$reqs" -c "$pins" pytest pytest-timeout
   # vllm-pool itself is imported from the checkout (PYTHONPATH), not installed: its
   # dependencies are vLLM's (fastapi, uvicorn, msgspec, pydantic, setproctitle).
