@@ -14,7 +14,7 @@ Differences handled here (0.26 -> 0.33):
 - `WorkerProc.worker_busy_loop` runs each RPC through `_execute_worker_rpc` (0.32) or
   inline (0.26); we only call `worker_busy_loop`, which both have.
 - Module globals that outlive an attach (see `reset_vllm_globals`).
-- 0.33 changes nothing the pool calls or overrides (docs/vllm-compat.md, 0.33 column):
+- 0.33 changes nothing the pool calls or overrides (docs/vllm-compat.md, section 8):
   PoolExecutor replaces `_init_executor` whole, so 0.33's concurrent worker start is not
   reached, and the failure handling of the inherited `collective_rpc` is vLLM's own.
 """
@@ -36,7 +36,8 @@ SUPPORTED_STR = "0.26-0.33"
 # the middle of an attach), and the module globals it resets. Checked before any pool
 # worker reports ready; the daemon checks only the version (no vLLM import there).
 REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
-    # executor.py: PoolExecutor(MultiprocExecutor) overrides these four and calls the rest.
+    # executor.py: PoolExecutor(MultiprocExecutor) overrides the first three methods and
+    # calls the next four; collective_rpc and the rest are inherited as they are.
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor"),
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor"),
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.start_worker_monitor"),
@@ -48,6 +49,7 @@ REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.collective_rpc"),
     ("vllm.v1.executor.multiproc_executor", "FutureWrapper"),
     ("vllm.v1.executor.abstract", "Executor"),
+    ("vllm.logger", "init_logger"),
     # worker/proc.py: PoolWorkerProc(WorkerProc) overrides the first four; main.py calls
     # the busy loop.
     ("vllm.v1.executor.multiproc_executor", "WorkerProc"),
@@ -96,6 +98,7 @@ REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
     # Engine host (engine/entry.py): the server it runs, the two functions it replaces.
     ("vllm.entrypoints.openai.api_server", "run_server"),
     ("vllm.model_executor.models.registry", "_run_in_subprocess"),
+    ("vllm.plugins", "load_general_plugins"),
     ("vllm.platforms.interface", "Platform.check_and_update_config"),
     # The startup plan the engines turn on (engine_env_defaults), and the compile-cache
     # factors the pool keeps equal to plain vLLM's (cpu_worker_spawn_env).

@@ -95,6 +95,9 @@ class PoolWorker:
 
         from vllm_pool import compat
 
+        # Range, every symbol the pool uses (a missing one fails the warm-up, naming it) and
+        # the signatures it was written for (a changed one is logged): the compat tests'
+        # own check.
         compat.check_vllm()
         # Import what an attach would otherwise import on its critical path.
         import vllm.v1.executor.multiproc_executor  # noqa: F401
