@@ -82,6 +82,13 @@ REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
     ("vllm.distributed", "destroy_model_parallel"),
     ("vllm.distributed", "destroy_distributed_environment"),
     ("vllm.platforms.interface", "_assigned_physical_gpu_ids"),
+    ("vllm.platforms.interface", "Platform._global_graph_pool"),
+    ("vllm.distributed.device_communicators.all_reduce_utils", "_gpu_p2p_access_cache"),
+    ("vllm.distributed.device_communicators.pynccl_allocator", "_graph_pool_id"),
+    ("vllm.v1.sample.ops.topk_topp_triton", "_TRITON_BUFFER_CACHE"),
+    ("vllm.v1.sample.ops.topk_topp_triton", "_TRITON_TABLE_CACHE"),
+    ("vllm.compilation.cuda_graph", "CUDAGraphWrapper.clear_all_graphs"),
+    ("vllm.compilation.breakable_cudagraph", "BreakableCUDAGraphWrapper.clear_all_graphs"),
     ("vllm.envs", "disable_envs_cache"),
     ("vllm.utils.import_utils", "resolve_obj_by_qualname"),
     # Rendezvous (distributed_init_method).
