@@ -41,10 +41,12 @@ vllm_wheel() {  # the wheel of vLLM $1, downloaded once
   echo "$w"
 }
 
+# Written last by a setup that finished, so an interrupted one is done again.
+DONE="$VENV/.vllm-pool-static-done"
 have=$("$PY" -c "import torch, pytest, pytest_timeout, fastapi, msgspec, setproctitle
 from importlib.metadata import version
 print(version('vllm'), version('torch'))" 2>/dev/null || true)
-if [ "$have" != "$STATIC_VLLM $STATIC_TORCH" ]; then
+if [ "$have" != "$STATIC_VLLM $STATIC_TORCH" ] || [ "$(cat "$DONE" 2>/dev/null)" != "$have" ]; then
   echo "setting up $VENV (torch $STATIC_TORCH, vllm $STATIC_VLLM without an engine): minutes once"
   [ -x "$PY" ] || python3 -m venv "$VENV"
   quiet "$PY" -m pip install -q --upgrade pip
@@ -61,6 +63,7 @@ if [ "$have" != "$STATIC_VLLM $STATIC_TORCH" ]; then
   quiet "$PY" -m pip install -q -r "$reqs" -c "$pins" pytest pytest-timeout
   # vllm-pool itself is imported from the checkout (PYTHONPATH), not installed: its
   # dependencies are vLLM's (fastapi, uvicorn, msgspec, pydantic, setproctitle).
+  echo "$STATIC_VLLM $STATIC_TORCH" > "$DONE"
 fi
 for v in $SOURCES; do
   src="${VLLM_POOL_VLLM_SOURCES:-$HOME/.cache/vllm-pool/src}/vllm-$v"
