@@ -133,15 +133,15 @@ def test_unsupported_vllm_stops_with_one_clear_message(monkeypatch):
     from vllm_pool import compat
 
     with pytest.raises(compat.UnsupportedVLLM, match=r"vLLM 0\.25\.1 is not supported by this "
-                       r"vllm-pool: version out of range; supported: 0\.26-0\.32"):
+                       r"vllm-pool: version out of range; supported: 0\.26-0\.33"):
         compat.check_vllm_version("0.25.1")
-    with pytest.raises(compat.UnsupportedVLLM, match="0.33.0"):
-        compat.check_vllm_version("0.33.0")
+    with pytest.raises(compat.UnsupportedVLLM, match="0.34.0"):
+        compat.check_vllm_version("0.34.0")
     monkeypatch.setattr(compat, "REQUIRED_SYMBOLS", compat.REQUIRED_SYMBOLS + (
         ("vllm.v1.executor.multiproc_executor", "NoSuchThing"),))
     with pytest.raises(compat.UnsupportedVLLM, match=r"is not supported by this vllm-pool: "
                        r"vllm\.v1\.executor\.multiproc_executor\.NoSuchThing missing; "
-                       r"supported: 0\.26-0\.32"):
+                       r"supported: 0\.26-0\.33"):
         compat.check_vllm()
 
 

@@ -1,9 +1,11 @@
 """Every place vllm-pool touches vLLM internals, and what differs between versions.
 
-vllm-pool supports vLLM 0.26 through 0.32. The rest of the package reaches vLLM's
+vllm-pool supports vLLM 0.26 through 0.33. The rest of the package reaches vLLM's
 internals only through this module, so a new vLLM release is checked here first:
-`REQUIRED_SYMBOLS` is verified at start-up (`check_vllm()`), and each helper below names
-the version difference it hides.
+`REQUIRED_SYMBOLS` (every class, method and global the pool uses) and `SIGNATURES` (what
+the code was written for, per version) are verified by each pool worker at start-up
+(`check_vllm()`) and by tests/test_compat_static.py in every CI leg, and each helper below
+names the version difference it hides.
 
 Which files may import vLLM: this one, and the three that subclass vLLM's classes and so
 must import them at module level: `executor.py` (MultiprocExecutor), `worker/proc.py`
@@ -11,49 +13,234 @@ must import them at module level: `executor.py` (MultiprocExecutor), `worker/pro
 they override are listed in REQUIRED_SYMBOLS too, so a rename in vLLM stops the pool at
 start-up naming the symbol, not in the middle of an attach.
 
-Differences handled here (0.26 -> 0.32):
+Differences handled here (0.26 -> 0.33):
 - `MessageQueue.__init__` gained `enable_shm_tensor_arena` (0.32).
 - `MultiprocExecutor` picks a `file://` store for torch.distributed (0.32) instead of a
   loopback tcp port (0.26); we pick the same way when vLLM offers the helper.
 - `WorkerProc.worker_busy_loop` runs each RPC through `_execute_worker_rpc` (0.32) or
   inline (0.26); we only call `worker_busy_loop`, which both have.
 - Module globals that outlive an attach (see `reset_vllm_globals`).
+- 0.33 changes nothing the pool calls or overrides (docs/vllm-compat.md, section 8):
+  PoolExecutor replaces `_init_executor` whole, so 0.33's concurrent worker start is not
+  reached, and the failure handling of the inherited `collective_rpc` is vLLM's own.
 """
 
 from __future__ import annotations
 
 import glob
 import importlib
+import inspect
 import os
 from collections.abc import Callable
 from typing import Any
 
-SUPPORTED = ((0, 26), (0, 32))
-SUPPORTED_STR = "0.26-0.32"
+SUPPORTED = ((0, 26), (0, 33))
+SUPPORTED_STR = "0.26-0.33"
 
-# (module, attribute) pairs the project relies on. Checked before any pool worker starts.
+# ---- what the pool needs of vLLM, checked at start-up (`check_vllm`) --------------
+# (module, attribute path) pairs the project relies on: the classes it subclasses, every
+# method it overrides or calls (private ones too: a rename there would otherwise fail in
+# the middle of an attach), and the module globals it resets. Checked before any pool
+# worker reports ready; the daemon checks only the version (no vLLM import there).
 REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
+    # executor.py: PoolExecutor(MultiprocExecutor) overrides the first three methods and
+    # calls the next four; collective_rpc and the rest are inherited as they are.
     ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor"),
-    ("vllm.v1.executor.multiproc_executor", "WorkerProc"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.start_worker_monitor"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.shutdown"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._get_parallel_sizes"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._is_driver_worker"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._post_init_executor"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._get_output_rank"),
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.collective_rpc"),
     ("vllm.v1.executor.multiproc_executor", "FutureWrapper"),
     ("vllm.v1.executor.abstract", "Executor"),
+    ("vllm.logger", "init_logger"),
+    # worker/proc.py: PoolWorkerProc(WorkerProc) overrides the first four; main.py calls
+    # the busy loop.
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.__init__"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.setup_proc_title_and_log_prefix"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc._init_message_queues"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.async_output_busy_loop"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.enqueue_output"),
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.worker_busy_loop"),
+    # The worker classes the busy loop drives; proc.py wraps their start-up RPCs and
+    # reset.py calls shutdown.
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker"),
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.shutdown"),
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory"),
+    ("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config"),
+    ("vllm.v1.worker.gpu_worker", "Worker.compile_or_warm_up_model"),
+    ("vllm.v1.worker.gpu_worker", "Worker.init_device"),
+    ("vllm.v1.worker.gpu_worker", "Worker.shutdown"),
+    # Message queues (executor.py, worker/main.py, make_broadcast_mq).
     ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue"),
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.export_handle"),
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.create_from_handle"),
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.wait_until_ready"),
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.shutdown"),
     ("vllm.distributed.device_communicators.shm_broadcast", "Handle"),
+    # The teardown (worker/reset.py, reset_vllm_globals).
     ("vllm.distributed.parallel_state", "_group_name_counter"),
     ("vllm.distributed.parallel_state", "_groups"),
     ("vllm.distributed.parallel_state", "cleanup_dist_env_and_memory"),
     ("vllm.distributed", "destroy_model_parallel"),
     ("vllm.distributed", "destroy_distributed_environment"),
     ("vllm.platforms.interface", "_assigned_physical_gpu_ids"),
+    ("vllm.platforms.interface", "Platform._global_graph_pool"),
+    ("vllm.distributed.device_communicators.all_reduce_utils", "_gpu_p2p_access_cache"),
+    ("vllm.distributed.device_communicators.pynccl_allocator", "_graph_pool_id"),
+    ("vllm.v1.sample.ops.topk_topp_triton", "_TRITON_BUFFER_CACHE"),
+    ("vllm.v1.sample.ops.topk_topp_triton", "_TRITON_TABLE_CACHE"),
+    ("vllm.compilation.cuda_graph", "CUDAGraphWrapper.clear_all_graphs"),
+    ("vllm.compilation.breakable_cudagraph", "BreakableCUDAGraphWrapper.clear_all_graphs"),
     ("vllm.envs", "disable_envs_cache"),
+    ("vllm.utils.import_utils", "resolve_obj_by_qualname"),
+    # Rendezvous (distributed_init_method).
     ("vllm.utils.network_utils", "get_distributed_init_method"),
     ("vllm.utils.network_utils", "get_loopback_ip"),
     ("vllm.utils.network_utils", "get_open_port"),
     ("vllm.utils.network_utils", "get_ip"),
+    # Parking: the sleep-mode backend registry (register_sleep_backend, sleep_backend.py).
+    ("vllm.device_allocator.sleep_mode_backend", "SleepModeBackendFactory.register_backend"),
+    ("vllm.device_allocator.sleep_mode_backend", "SleepModeBackendFactory._registry"),
+    ("vllm.device_allocator.sleep_mode_backend", "CuMemBackend.suspend"),
+    ("vllm.device_allocator.sleep_mode_backend", "CuMemBackend.resume"),
+    ("vllm.device_allocator", "get_mem_allocator_instance"),
+    # Engine host (engine/entry.py): the server it runs, the two functions it replaces.
     ("vllm.entrypoints.openai.api_server", "run_server"),
+    ("vllm.model_executor.models.registry", "_run_in_subprocess"),
+    ("vllm.plugins", "load_general_plugins"),
+    ("vllm.platforms.interface", "Platform.check_and_update_config"),
+    # The startup plan the engines turn on (engine_env_defaults), and the compile-cache
+    # factors the pool keeps equal to plain vLLM's (cpu_worker_spawn_env).
+    ("vllm.v1.worker.startup_plan", "maybe_apply_startup_plan"),
+    ("vllm.v1.worker.startup_plan", "maybe_save_startup_plan"),
+    ("vllm.envs", "compile_factors"),
+    # CLI route (plugin.py) and the arguments the pool checks.
     ("vllm.entrypoints.cli.main", "main"),
     ("vllm.engine.arg_utils", "AsyncEngineArgs"),
 )
+
+# What the pool's code was written for, per version: the signature of each method it
+# overrides or calls, and the fields of the records it reads. A change fails the
+# compat tests (tests/test_compat_static.py, in every CI leg) with the symbol's name,
+# and is logged by every pool worker at start. Each entry maps the first vLLM version
+# with that signature to the signature (`signature_of`: parameter names in order, `=`
+# after those with a default, no annotations); it holds until the next listed version.
+SIGNATURES: dict[tuple[str, str], dict[str, str]] = {
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor"): {
+        "0.26": "(self)"},
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.start_worker_monitor"): {
+        "0.26": "(self, inline=)"},
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.shutdown"): {
+        "0.26": "(self)"},
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._get_parallel_sizes"): {
+        "0.26": "(self)"},
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._is_driver_worker"): {
+        "0.26": "(self, rank)"},
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._post_init_executor"): {
+        "0.26": "(self)"},
+    ("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._get_output_rank"): {
+        "0.26": "(self)"},
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.__init__"): {
+        "0.26": "(self, vllm_config, local_rank, rank, distributed_init_method, "
+                "input_shm_handle, shared_worker_lock, is_driver_worker)"},
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.setup_proc_title_and_log_prefix"): {
+        "0.26": "static (enable_ep)"},
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc._init_message_queues"): {
+        "0.26": "(self, input_shm_handle, vllm_config)"},
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.async_output_busy_loop"): {
+        "0.26": "(self)"},
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.enqueue_output"): {
+        "0.26": "(self, output)"},
+    ("vllm.v1.executor.multiproc_executor", "WorkerProc.worker_busy_loop"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker"): {
+        "0.26": "(self, all_kwargs)"},
+    # proc.py sets the start-up RPCs as attributes of the wrapper, in front of this.
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.__getattr__"): {
+        "0.26": "(self, attr)"},
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.shutdown"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.gpu_worker", "Worker.determine_available_memory"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.gpu_worker", "Worker.initialize_from_config"): {
+        "0.26": "(self, kv_cache_config)"},
+    ("vllm.v1.worker.gpu_worker", "Worker.compile_or_warm_up_model"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.gpu_worker", "Worker.shutdown"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.determine_available_memory"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.cpu_worker", "CPUWorker.compile_or_warm_up_model"): {
+        "0.26": "(self)"},
+    # proc.py times capture_model and leaves out 0.32's profiling calls (profile_only).
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.capture_model"): {
+        "0.26": "(self)"},
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner.capture_model"): {
+        "0.26": "(self)",
+        "0.32": "(self, *, profile_only=)"},
+    ("vllm.compilation.compiler_interface", "trigger_inductor_lazy_init"): {
+        "0.26": "(device=)"},
+    ("vllm.platforms.interface", "Platform.set_device"): {
+        "0.26": "class (cls, device)"},
+    ("vllm.utils.import_utils", "resolve_obj_by_qualname"): {
+        "0.26": "(qualname)"},
+    ("vllm.utils.network_utils", "get_distributed_init_method"): {
+        "0.26": "(ip, port)"},
+    # Used where present (distributed_init_method).
+    ("vllm.utils.network_utils", "get_file_store_init_method"): {
+        "0.26": "missing",
+        "0.32": "()"},
+    ("vllm.utils.network_utils", "aiter_requires_tcp_store"): {
+        "0.26": "missing",
+        "0.32": "()"},
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.__init__"): {
+        "0.26": "(self, n_reader, n_local_reader, local_reader_ranks=, max_chunk_bytes=, "
+                "max_chunks=, connect_ip=)",
+        "0.32": "(self, n_reader, n_local_reader, local_reader_ranks=, max_chunk_bytes=, "
+                "max_chunks=, connect_ip=, enable_shm_tensor_arena=)"},
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.export_handle"): {
+        "0.26": "(self)"},
+    ("vllm.distributed.device_communicators.shm_broadcast",
+     "MessageQueue.create_from_handle"): {"0.26": "static (handle, rank)"},
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.wait_until_ready"): {
+        "0.26": "(self)"},
+    ("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.shutdown"): {
+        "0.26": "(self)"},
+    ("vllm.distributed.device_communicators.shm_broadcast", "Handle"): {
+        "0.26": "fields(local_reader_ranks, buffer_handle, local_subscribe_addr, "
+                "local_notify_addr, remote_subscribe_addr, remote_addr_ipv6)",
+        "0.32": "fields(local_reader_ranks, buffer_handle, local_subscribe_addr, "
+                "local_notify_addr, remote_subscribe_addr, remote_addr_ipv6, "
+                "tensor_arena_handle)"},
+    ("vllm.device_allocator.sleep_mode_backend", "SleepModeBackendFactory.register_backend"): {
+        "0.26": "class (cls, name, module_path, class_name)"},
+    ("vllm.device_allocator.sleep_mode_backend", "CuMemBackend.suspend"): {
+        "0.26": "(self, level=)"},
+    ("vllm.device_allocator.sleep_mode_backend", "CuMemBackend.resume"): {
+        "0.26": "(self, tags=)"},
+    ("vllm.device_allocator", "get_mem_allocator_instance"): {
+        "0.26": "()"},
+    ("vllm.model_executor.models.registry", "_run_in_subprocess"): {
+        "0.26": "(fn)"},
+    ("vllm.platforms.interface", "Platform.check_and_update_config"): {
+        "0.26": "class (cls, vllm_config)"},
+    ("vllm.v1.worker.startup_plan", "maybe_apply_startup_plan"): {
+        "0.26": "(worker)"},
+    ("vllm.v1.worker.startup_plan", "maybe_save_startup_plan"): {
+        "0.26": "(worker, kv_cache_memory_bytes)"},
+    ("vllm.envs", "compile_factors"): {
+        "0.26": "()"},
+    ("vllm.compilation.caching", "aot_compile_hash_factors"): {
+        "0.26": "(vllm_config)"},
+    ("vllm.config.vllm", "VllmConfig.compute_hash"): {
+        "0.26": "(self)",
+        "0.32": "(self, include_version=)"},
+}
 
 
 class UnsupportedVLLM(RuntimeError):
@@ -100,18 +287,96 @@ def check_vllm_version(version: str | None = None) -> str:
     return v
 
 
-def check_vllm() -> str:
-    """Stop early, with one clear message, on a vLLM this pool cannot drive."""
-    v = check_vllm_version(vllm_version())
+def resolve_symbol(module: str, path: str) -> Any:
+    """The object at `module`.`path` (a dotted attribute path such as `Class.method`),
+    found without calling descriptors, so a staticmethod or classmethod comes back as
+    itself. Raises ImportError or AttributeError."""
+    obj: Any = importlib.import_module(module)
+    for part in path.split("."):
+        obj = inspect.getattr_static(obj, part)
+    return obj
+
+
+def signature_of(obj: Any) -> str:
+    """A signature as `SIGNATURES` writes it: `static`/`class` for those descriptors,
+    parameter names in order with `=` after those with a default and `*`/`**` marks, no
+    annotations (vLLM rewrites those often, and they do not break a caller); for a
+    dataclass, its field names."""
+    import dataclasses
+
+    if isinstance(obj, type):
+        if dataclasses.is_dataclass(obj):
+            return "fields(" + ", ".join(f.name for f in dataclasses.fields(obj)) + ")"
+        obj = obj.__init__
+    prefix = ""
+    if isinstance(obj, staticmethod):
+        prefix, obj = "static ", obj.__func__
+    elif isinstance(obj, classmethod):
+        prefix, obj = "class ", obj.__func__
+    params, star = [], False
+    for p in inspect.signature(obj).parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            params.append(f"*{p.name}")
+            star = True
+        elif p.kind is p.VAR_KEYWORD:
+            params.append(f"**{p.name}")
+        else:
+            if p.kind is p.KEYWORD_ONLY and not star:
+                params.append("*")
+                star = True
+            params.append(p.name + ("=" if p.default is not p.empty else ""))
+    return prefix + "(" + ", ".join(params) + ")"
+
+
+def expected_signature(key: tuple[str, str], version: str) -> str | None:
+    """The entry of `SIGNATURES` for `version`: the latest one listed at or before it."""
+    best = None
+    for since, sig in SIGNATURES.get(key, {}).items():
+        if _version_tuple(since) <= _version_tuple(version) and (
+                best is None or _version_tuple(since) >= _version_tuple(best[0])):
+            best = (since, sig)
+    return best[1] if best else None
+
+
+def vllm_problems(version: str | None = None) -> tuple[list[str], list[str]]:
+    """Compare the imported vLLM with what the pool needs: (missing, changed). `missing`
+    names each REQUIRED_SYMBOLS entry that does not import; `changed` each SIGNATURES
+    entry whose signature differs from the one written for this version. The one check,
+    used by the pool worker at start (`check_vllm`) and by the compat tests."""
+    v = version or vllm_version()
+    missing, changed = [], []
     for mod, attr in REQUIRED_SYMBOLS:
         try:
-            ok = hasattr(importlib.import_module(mod), attr)
-        except ImportError:
-            ok = False
-        if not ok:
-            raise UnsupportedVLLM(
-                f"vLLM {v} is not supported by this vllm-pool: {mod}.{attr} missing; "
-                f"supported: {SUPPORTED_STR}")
+            resolve_symbol(mod, attr)
+        except (ImportError, AttributeError):
+            missing.append(f"{mod}.{attr}")
+    for key in SIGNATURES:
+        want = expected_signature(key, v)
+        try:
+            got = signature_of(resolve_symbol(*key))
+        except (ImportError, AttributeError):
+            got = "missing"
+        except (TypeError, ValueError) as e:  # no signature to read
+            got = f"unreadable ({e})"
+        if want is not None and got != want:
+            changed.append(f"{key[0]}.{key[1]}: {got}, written for {want}")
+    return missing, changed
+
+
+def check_vllm() -> str:
+    """Stop early, with one clear message, on a vLLM this pool cannot drive: out of range,
+    or a symbol the pool needs missing. A changed signature is logged (the call may still
+    work, as with a new optional argument); the compat tests fail on it."""
+    import logging
+
+    v = check_vllm_version(vllm_version())
+    missing, changed = vllm_problems(v)
+    if missing:
+        raise UnsupportedVLLM(
+            f"vLLM {v} is not supported by this vllm-pool: {', '.join(missing)} missing; "
+            f"supported: {SUPPORTED_STR}")
+    for line in changed:
+        logging.getLogger("vllm_pool").warning("vLLM %s: signature changed: %s", v, line)
     return v
 
 

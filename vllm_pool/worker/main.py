@@ -98,6 +98,9 @@ class PoolWorker:
     def start_up(self) -> None:
         from vllm_pool import compat
 
+        # Range, every symbol the pool uses (a missing one fails the warm-up, naming it) and
+        # the signatures it was written for (a changed one is logged): the compat tests'
+        # own check.
         compat.check_vllm()
         self.device = compat.prepare_worker_process(self.device_spec)
         compat.time_warmup_parts()
