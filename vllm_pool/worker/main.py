@@ -117,6 +117,8 @@ class PoolWorker:
             pass
         compat.time_warmup_parts()
         compat.register_sleep_backend()
+        if not compat.share_compile_cache_by_architecture():
+            logger.warning("compile cache stays per model path: a compile-key site is missing")
         for part, secs in compat.prepay_once_per_process(self.device).items():
             logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
         from vllm_pool.worker.reset import IdleBaseline, clean_check, freeze_idle_heap
