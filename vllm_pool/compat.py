@@ -724,9 +724,27 @@ def compile_key_model_hash(mc: Any, original: Any, cache_root: str) -> str:
     return plain
 
 
+def inductor_freezes_weights(vllm_config: Any) -> bool:
+    """Inductor's freezing folds parameters into the generated code as constants, so
+    compiled code would carry one model's weights: no sharing then. On by
+    `TORCHINDUCTOR_FREEZING`, by `freezing` in the compile config, and on vLLM's CPU runner
+    by `max_autotune` there (`_set_global_compilation_settings`, cpu_model_runner.py)."""
+    try:
+        import torch._inductor.config as inductor_config
+
+        if inductor_config.freezing:
+            return True
+    except ImportError:
+        pass
+    icc = getattr(getattr(vllm_config, "compilation_config", None),
+                  "inductor_compile_config", None) or {}
+    return bool(icc.get("freezing") or icc.get("max_autotune"))
+
+
 def share_compile_cache_by_architecture() -> bool:
     """Worker side, once per process: inside vLLM's two compile-key computations
-    (`COMPILE_KEY_SITES`), `ModelConfig.compute_hash` returns `compile_key_model_hash`.
+    (`COMPILE_KEY_SITES`), `ModelConfig.compute_hash` returns `compile_key_model_hash`,
+    unless Inductor freezes weights into the code (`inductor_freezes_weights`).
     Wraps vLLM's functions; no vLLM source is changed. False where a site is missing."""
     import vllm.envs as envs
     from vllm.config.model import ModelConfig
@@ -755,7 +773,9 @@ def share_compile_cache_by_architecture() -> bool:
         fn = getattr(owner, attr)
 
         def in_compile_key(*args, __fn=fn, **kwargs):
-            token = _in_compile_key.set(True)
+            # args[0]: the VllmBackend (its vllm_config), or the VllmConfig itself
+            vllm_config = getattr(args[0], "vllm_config", args[0]) if args else None
+            token = _in_compile_key.set(not inductor_freezes_weights(vllm_config))
             try:
                 return __fn(*args, **kwargs)
             finally:
