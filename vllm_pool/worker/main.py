@@ -111,6 +111,8 @@ class PoolWorker:
         else:
             compat.register_sleep_backend(sleep_backend.NAME, sleep_backend.__name__,
                                           sleep_backend.KeptCopyBackend.__name__)
+        if not compat.share_compile_cache_by_architecture():
+            logger.warning("compile cache stays per model path: a compile-key site is missing")
         for part, secs in compat.prepay_once_per_process(self.device).items():
             logger.info("worker %d paid %s at start: %.2fs", self.slot, part, secs)
         from vllm_pool.worker.reset import (IdleBaseline, clean_check, device_uuid,
