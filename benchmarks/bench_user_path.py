@@ -451,6 +451,11 @@ def summarize(res: dict) -> None:
     seq_plain = sum(plain[n]["step_s"] for n in names) \
         if all(n in plain and plain[n]["ok"] for n in names) else None
     speedup = seq_plain / seq_pool if seq_pool and seq_plain else None
+    # Not a target: the attaches alone (to the first completion, no detach or stop), over
+    # the steps both sides completed.
+    both = [n for n in names if fig(n) and n in plain and plain[n]["ok"]]
+    att_pool = sum(fig(n) for n in both) if both else None
+    att_plain = sum(plain[n]["to_first_completion_s"] for n in both) if both else None
     route = res.get("pool", {}).get("route", {})
     es = [pool[n]["phases"].get("engine_start") for n in cycles
           if n in pool and pool[n]["ok"] and "engine_start" in pool[n].get("phases", {})]
@@ -480,7 +485,9 @@ def summarize(res: dict) -> None:
         "greedy_match": all(g["match"] for g in greedy.values()),
         "finetune_differs_from_a": a_out is not None and ft_out is not None and a_out != ft_out,
         "sequence_pool_s": seq_pool, "sequence_plain_s": seq_plain,
-        "sequence_speedup": speedup, "pool_ready_s": res.get("pool", {}).get("ready_s"),
+        "sequence_speedup": speedup, "attaches_pool_s": att_pool, "attaches_plain_s": att_plain,
+        "attaches_steps": len(both),
+        "pool_ready_s": res.get("pool", {}).get("ready_s"),
         "route_overhead_s": route.get("overhead_s"),
         "cycles_engine_start_s": es, "targets": targets}
 
@@ -544,7 +551,10 @@ def table(res: dict) -> str:
     greedy = ", ".join(f"{k} {'yes' if g['match'] else 'NO'} ({g['pool_runs']} pool / "
                        f"{g['plain_runs']} plain runs)" for k, g in s["greedy"].items())
     lines += ["", f"Whole sequence (every step, its detach included): pool "
-                  f"{_f2(s['sequence_pool_s'])} s, plain {_f2(s['sequence_plain_s'])} s{speed}. "
+                  f"{_f2(s['sequence_pool_s'])} s, plain {_f2(s['sequence_plain_s'])} s{speed}; "
+                  f"the attaches alone (to first completion, no detach or stop; the "
+                  f"{s['attaches_steps']} steps both completed): pool "
+                  f"{_f2(s['attaches_pool_s'])} s, plain {_f2(s['attaches_plain_s'])} s. "
                   f"Greedy tokens pool = plain: {greedy}; A' differs from A: "
                   f"{'yes' if s['finetune_differs_from_a'] else 'NO'}.", ""]
     rt = res.get("pool", {}).get("route", {})
