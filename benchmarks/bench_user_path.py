@@ -705,6 +705,8 @@ def main() -> int:
         for d in os.listdir(scratch):  # the fresh compile caches; logs stay
             if d.startswith("cache-"):
                 shutil.rmtree(os.path.join(scratch, d), ignore_errors=True)
+        if not os.listdir(scratch):  # nothing left in it (the logs went to --log-dir)
+            os.rmdir(scratch)
     return finish(res, a)
 
 
