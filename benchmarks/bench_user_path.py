@@ -317,7 +317,7 @@ def run_plain_side(a, cli: dict, models: dict, log_dir: str, env: dict, port_p: 
                    res: dict, checkpoint) -> None:
     res.update(steps=[], selection=plain_selection(a),
                park=("vLLM's sleep (level 1) and wake_up endpoints" if a.plain_park == "sleep"
-                          else "server stopped; wake = a new server"))
+                     else "server stopped; wake = a new server"))
     t_seq = time.perf_counter()
     sleeping: dict | None = None  # the server of attach_a_to_park under --plain-park sleep
     for st in steps(a.cycles):
