@@ -109,6 +109,8 @@ class PoolWorker:
         if current_platform.is_cpu():
             import vllm.v1.worker.cpu_worker  # noqa: F401
             self.device = torch.device("cpu")
+            # Else whether vLLM's AMX kernels run depends on what earlier attaches did.
+            compat.request_amx_permission()
         else:
             import vllm.v1.worker.gpu_worker  # noqa: F401
             idx = int(self.device_spec.split(":")[1])
