@@ -34,6 +34,7 @@ class ViewInstance(Protocol):
     url: str
     devices: list[str]
     phases: dict[str, float]
+    phase: str | None           # attaching: the phase in progress
 
 
 class PoolView(Protocol):
