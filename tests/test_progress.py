@@ -145,43 +145,68 @@ def test_refused_and_failed_attaches_exit_nonzero_and_change_nothing(idle_pool, 
     assert _pool_state(pool) == before
 
 
-def test_gateway_models_show_the_attaching_phase(idle_pool, model_a, logs, tmp_path):
-    """A standalone gateway (its view of the pool: GET /instances snapshots) shows the
-    phase of the model it is attaching on demand, then none once it serves."""
-    pool = idle_pool
-    models = tmp_path / "models.yaml"
-    models.write_text(f"models:\n  - name: gp\n    model: {model_a}\n"
-                      f"    args: [{', '.join(helpers.ENGINE_ARGS)}]\n")
+def _models_file(tmp_path, model: str) -> str:
+    path = tmp_path / "models.yaml"
+    path.write_text(f"models:\n  - name: gp\n    model: {model}\n"
+                    f"    args: [{', '.join(helpers.ENGINE_ARGS)}]\n")
+    return str(path)
+
+
+def _phases_shown_while_attaching(url: str) -> list[str]:
+    """Attach model `gp` on demand through the gateway at `url` (one completion) and
+    poll its /v1/models card meanwhile: the phases shown, in the order shown."""
+    result: dict = {}
+
+    def complete() -> None:
+        result["r"] = httpx.post(url + "/v1/completions", timeout=600, json={
+            "model": "gp", "prompt": "def main(", "max_tokens": 4, "temperature": 0})
+
+    t = threading.Thread(target=complete)
+    t.start()
+    seen: list[str] = []
+    with httpx.Client(base_url=url, timeout=30) as c:
+        while t.is_alive():
+            card = c.get("/v1/models/gp").json()
+            if card["state"] == "attaching" and card["phase"] and \
+                    (not seen or seen[-1] != card["phase"]):
+                seen.append(card["phase"])
+            time.sleep(0.05)
+        t.join()
+        assert result["r"].status_code == 200, result["r"].text
+        card = c.get("/v1/models").json()["data"][0]
+    assert card["id"] == "gp" and card["state"] == "serving" and card["phase"] is None
+    assert seen, "no phase was shown while the model attached"
+    assert set(seen) <= set(STREAMED) and seen == sorted(seen, key=STREAMED.index), seen
+    return seen
+
+
+def test_standalone_gateway_models_show_the_attaching_phase(idle_pool, model_a, logs,
+                                                            tmp_path):
+    """A gateway in a process of its own (the pool over the control API: it attaches
+    through the stream) shows the phase of the model it attaches, then none."""
     port = helpers.free_port()
-    url = f"http://127.0.0.1:{port}"
     with open(os.path.join(logs, "progress-gw.log"), "ab") as f:
         gw = subprocess.Popen([sys.executable, "-m", "vllm_pool", "gateway", "--pool",
-                               pool.url, "--models", str(models), "--gateway-port", str(port)],
+                               idle_pool.url, "--models", _models_file(tmp_path, model_a),
+                               "--gateway-port", str(port)],
                               stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        helpers.wait_http(url + "/health", 60, gw)
-        result: dict = {}
-
-        def complete() -> None:
-            result["r"] = httpx.post(url + "/v1/completions", timeout=600, json={
-                "model": "gp", "prompt": "def main(", "max_tokens": 4, "temperature": 0})
-
-        t = threading.Thread(target=complete)
-        t.start()
-        seen: list[str] = []
-        with httpx.Client(base_url=url, timeout=30) as c:
-            while t.is_alive():
-                card = c.get("/v1/models/gp").json()
-                if card["state"] == "attaching" and card["phase"] and \
-                        (not seen or seen[-1] != card["phase"]):
-                    seen.append(card["phase"])
-                time.sleep(0.05)
-            t.join()
-            assert result["r"].status_code == 200, result["r"].text
-            card = c.get("/v1/models/gp").json()
-        assert card["state"] == "serving" and card["phase"] is None
-        assert seen, "no phase was shown while the model attached"
-        assert set(seen) <= set(STREAMED) and seen == sorted(seen, key=STREAMED.index), seen
+        helpers.wait_http(f"http://127.0.0.1:{port}/health", 60, gw)
+        _phases_shown_while_attaching(f"http://127.0.0.1:{port}")
     finally:
         os.killpg(gw.pid, signal.SIGTERM)
         gw.wait(60)
+
+
+def test_embedded_gateway_models_show_the_attaching_phase(model_a, logs, tmp_path):
+    """The gateway of `serve --models` (the daemon's own Instance) shows it too."""
+    port = helpers.free_port()
+    d = helpers.Daemon(1, os.path.join(logs, "progress-embedded"),
+                       ["--models", _models_file(tmp_path, model_a),
+                        "--gateway-port", str(port)])
+    try:
+        d.wait_ready()
+        helpers.wait_http(f"http://127.0.0.1:{port}/health", 60, d.proc)
+        _phases_shown_while_attaching(f"http://127.0.0.1:{port}")
+    finally:
+        assert d.stop() == 0
