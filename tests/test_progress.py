@@ -210,3 +210,32 @@ def test_embedded_gateway_models_show_the_attaching_phase(model_a, logs, tmp_pat
         _phases_shown_while_attaching(f"http://127.0.0.1:{port}")
     finally:
         assert d.stop() == 0
+
+
+def test_streamed_reattach_of_a_parked_model_wakes_it(model_a, logs):
+    """An attach with a parked instance's settings wakes it: the stream says so (200, the
+    parked instance first, the wake's steps, the instance woken), and so does the CLI."""
+    d = helpers.Daemon(1, os.path.join(logs, "progress-parking"), ["--enable-parking"])
+    try:
+        d.wait_ready()
+        assert d.attach(model_a, name="pk").status_code == 201
+        assert d.client.delete("/instances/pk", params={"park": "true"}).status_code == 200
+        body = {"model": model_a, "name": "pk", "args": helpers.ENGINE_ARGS}
+        with httpx.Client(timeout=600) as c, \
+                c.stream("POST", d.url + "/instances?stream=true", json=body) as r:
+            assert r.status_code == 200
+            events = [attach_event.validate_json(line) for line in r.iter_lines() if line]
+        assert [e.event for e in events] == ["started", "phase", "phase", "done"], events
+        assert events[0].instance.state in ("parked", "waking")
+        assert [e.phase for e in events[1:3]] == ["evict", "wake"]
+        done = events[-1].instance
+        assert done.woken and done.state == "serving" and done.id == events[0].instance.id
+        assert done.phases["wake"] == events[2].seconds
+        assert d.client.delete("/instances/pk", params={"park": "true"}).status_code == 200
+        cli = _cli(d, "--model", model_a, "--name", "pk", *helpers.ENGINE_ARGS)
+        assert cli.returncode == 0, cli.stderr
+        assert cli.stderr.splitlines()[0].startswith(f"waking {model_a} as pk"), cli.stderr
+        assert cli.stderr.splitlines()[-1].split()[0] == "wake", cli.stderr
+        assert cli.stdout.startswith(f"woke parked {model_a} as pk"), cli.stdout
+    finally:
+        assert d.stop() == 0

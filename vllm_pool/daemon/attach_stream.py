@@ -79,6 +79,13 @@ class StreamedAttach:
             if over:
                 break
         if self.result is not None:
+            if self.waking:  # a wake's two steps, timed by park_wake as they end together
+                ph = self.result.phases
+                if "evict" in ph and "wake" in ph:
+                    yield _line(PhaseEvent(phase="evict", seconds=round(ph["evict"], 4),
+                                           next="wake"))
+                    yield _line(PhaseEvent(phase="wake", seconds=round(ph["wake"], 4),
+                                           next=None))
             yield _line(DoneEvent(instance=self.info(self.result)))
         else:
             status, detail = self.error or (500, "the attach ended without a result")
