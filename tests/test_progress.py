@@ -80,6 +80,7 @@ def test_cli_progress_lines_and_json(idle_pool, model_a):
     shown = [ln.split()[0] for ln in err[1:]]
     assert shown[0] == "reserve" and shown[-1] == "ready" and WORKER_PHASES <= set(shown)
     assert shown == sorted(shown, key=STREAMED.index), r.stderr
+    assert pool.detach("cl1").status_code == 200  # room for the next on a one-GPU pool
     # --json: nothing but the instance's JSON on stdout, no progress on stderr.
     j = _cli(pool, "--model", model_a, "--name", "cl2", "--json", *helpers.ENGINE_ARGS)
     assert j.returncode == 0, j.stderr
@@ -239,3 +240,34 @@ def test_streamed_reattach_of_a_parked_model_wakes_it(model_a, logs):
         assert cli.stdout.startswith(f"woke parked {model_a} as pk"), cli.stdout
     finally:
         assert d.stop() == 0
+
+
+def test_phase_bookkeeping_units():
+    """No processes: the instance's phase in progress follows the finished ones (the
+    capture, inside model_warmup, moves nothing; a repeated engine_start is dropped), and
+    a remote gateway's snapshot never moves an attaching instance's phase back."""
+    from vllm_pool.daemon.instance import Instance
+    from vllm_pool.gateway.pool_view import _not_back
+
+    i = Instance(id="i", name="n", model="m", tp=1, pp=1, port=1, host="h", args=[], env={},
+                 slots=[0], token="t", run_dir="/nonexistent", log_path="/nonexistent")
+    for name in ("reserve", "engine_start", "worker_init", "weight_load", "memory_profiling",
+                 "kv_cache", "graph_capture"):
+        i.phase_done(name, 0.5)
+    i.phase_done("engine_start", 9.0, once=True)
+    assert i.phase == "model_warmup" and i.done_seconds("engine_start") == 0.5
+    assert [(n, nxt) for n, _, nxt in i.progress][-2:] == [("kv_cache", "model_warmup"),
+                                                         ("graph_capture", "model_warmup")]
+    i.phase_done("model_warmup", 0.5)
+    i.phase_done("ready", 0.5)
+    assert i.phase is None and len(i.progress) == 9
+
+    base = dict(id="i", name="n", model="m", tp=1, pp=1, port=1, url="u", workers=[0],
+                devices=["cpu:0"], args=[], engine_pid=None, engine_host="", created_at=0.0,
+                uptime_s=None, phases={}, error=None)
+    old = InstanceInfo(state="attaching", phase="kv_cache", **base)
+    stale = InstanceInfo(state="attaching", phase="weight_load", **base)
+    assert _not_back(old, stale).phase == "kv_cache"
+    assert _not_back(stale, old).phase == "kv_cache"
+    served = InstanceInfo(state="serving", phase=None, **base)
+    assert _not_back(old, served).phase is None
