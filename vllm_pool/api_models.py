@@ -4,7 +4,9 @@ with them, and `client.py` validates what it reads with the same models."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter
 
 from vllm_pool.states import InstanceState, WorkerState
 
@@ -46,6 +48,8 @@ class InstanceInfo(BaseModel):
     woken: bool = Field(False, description="the last attach request woke it from parking")
     device_bytes: int | None = Field(None, description="GPU: its workers' own device memory "
                                      "now (per process; parked: what it still holds there)")
+    phase: str | None = Field(None, description="attaching: the phase in progress "
+                              "(an attach phase name, as in `phases`)")
 
 
 class KernelWarmupInfo(BaseModel):
@@ -55,6 +59,36 @@ class KernelWarmupInfo(BaseModel):
     failures: int
     error: str | None = Field(description="the last failure, or why it waits")
     retry_in_s: float | None
+
+
+# A streamed attach (POST /instances?stream=true) answers these as JSON lines, in order:
+# started, one phase line per finished phase, then done or error.
+class StartedEvent(BaseModel):
+    event: Literal["started"] = "started"
+    instance: InstanceInfo
+
+
+class PhaseEvent(BaseModel):
+    event: Literal["phase"] = "phase"
+    phase: str = Field(description="the phase that finished")
+    seconds: float
+    next: str | None = Field(description="the phase now in progress (None: the last one)")
+
+
+class DoneEvent(BaseModel):
+    event: Literal["done"] = "done"
+    instance: InstanceInfo = Field(description="what the plain POST /instances answers")
+
+
+class ErrorEvent(BaseModel):
+    event: Literal["error"] = "error"
+    status: int = Field(description="the HTTP status the plain POST /instances answers")
+    detail: str
+
+
+AttachEvent = Annotated[StartedEvent | PhaseEvent | DoneEvent | ErrorEvent,
+                        Field(discriminator="event")]
+attach_event = TypeAdapter(AttachEvent)
 
 
 class WorkerInfo(BaseModel):

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import threading
 import time
 
+from vllm_pool.api_models import PhaseEvent, StartedEvent
 from vllm_pool.client import DEFAULT_POOL, POOL_URL_ENV, PoolClient, PoolError
 
 
@@ -70,17 +73,85 @@ def _fmt_phases(phases: dict) -> str:
     return "  ".join(f"{k}={v:.2f}s" for k, v in phases.items())
 
 
+class _Progress:
+    """An attach's phases on stderr as they finish (stdout keeps the result alone): one
+    live line rewritten in place on a terminal, a plain line per phase otherwise."""
+
+    def __init__(self, label: str, out=sys.stderr):
+        self.out = out
+        self.live = out.isatty()
+        self.t0 = self.since = time.perf_counter()
+        self.label, self.phase = label, "reserve"
+        self.lock = threading.Lock()
+        self.ended = threading.Event()
+        if self.live:  # the elapsed time moves while a phase runs
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def __call__(self, ev) -> None:
+        with self.lock:
+            if isinstance(ev, StartedEvent):
+                i = ev.instance
+                self.label = i.name
+                if i.state != "attaching":
+                    self.phase = "wake"
+                if not self.live:
+                    self._print(f"{'waking' if self.phase == 'wake' else 'attaching'} "
+                                f"{i.model} as {i.name} (id {i.id}) on {','.join(i.devices)}, "
+                                f"port {i.port}")
+            elif isinstance(ev, PhaseEvent):
+                if not self.live:
+                    self._print(f"  {ev.phase:<18}{ev.seconds:8.2f}s")
+                self.phase, self.since = ev.next, time.perf_counter()
+            self._draw()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def _draw(self) -> None:
+        if not self.live or self.ended.is_set():
+            return
+        now = time.perf_counter()
+        line = (f"attaching {self.label}: {self.phase or 'done'} {now - self.since:.1f}s "
+                f"(total {now - self.t0:.1f}s)")
+        width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be rewritten
+        self.out.write("\r" + line[:width] + "\x1b[K")
+        self.out.flush()
+
+    def _tick(self) -> None:
+        while not self.ended.wait(0.2):
+            with self.lock:
+                self._draw()
+
+    def close(self) -> None:
+        with self.lock:
+            self.ended.set()
+            if self.live:
+                self.out.write("\r\x1b[K")
+                self.out.flush()
+
+
 def cmd_attach(args: argparse.Namespace, extra: list[str]) -> int:
     body = {"model": args.model, "tp": args.tp, "pp": args.pp, "name": args.name,
             "port": args.port, "args": extra, "timeout_s": args.attach_timeout,
             "env": dict(kv.split("=", 1) for kv in args.env if "=" in kv),
             "devices": args.devices.split(",") if args.devices else None}
     t0 = time.perf_counter()
+    # --json: the plain call, so nothing but the JSON is printed.
+    progress = None if args.json else _Progress(args.name or args.model)
     try:
-        inst = PoolClient(args.pool).attach(body, timeout=args.attach_timeout + 60)
+        inst = PoolClient(args.pool).attach(body, timeout=args.attach_timeout + 60,
+                                            on_event=progress)
     except PoolError as e:
+        if progress is not None:
+            progress.close()
         print(f"attach failed: {e}", file=sys.stderr)
         return 1
+    except BaseException:  # ^C: leave the terminal's line clean (the attach goes on)
+        if progress is not None:
+            progress.close()
+        raise
+    if progress is not None:
+        progress.close()
     if args.json:
         print(inst.model_dump_json(indent=2))
         return 0

@@ -4,15 +4,17 @@ answers in a tenth of a second); replies are validated with the API's own models
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from vllm_pool.access import API_KEY_ENV
-from vllm_pool.api_models import Health, InstanceInfo, WorkerInfo
+from vllm_pool.api_models import (AttachEvent, DoneEvent, ErrorEvent, Health, InstanceInfo,
+                                  WorkerInfo, attach_event)
 
 POOL_URL_ENV = "VLLM_POOL_URL"
 DEFAULT_POOL = "http://127.0.0.1:8100"
@@ -66,9 +68,12 @@ class PoolClient:
                timeout: float | None = None) -> Iterator[dict]:
         """A streamed call: one JSON object per line, as the pool sends them."""
         with self._open(method, path, body, timeout) as r:
-            for line in r:
-                if line.strip():
-                    yield json.loads(line)
+            try:
+                for line in r:
+                    if line.strip():
+                        yield json.loads(line)
+            except (OSError, ValueError, http.client.HTTPException) as e:
+                raise PoolError(f"the pool's stream from {self.url} broke off: {e}") from None
 
     # ---- typed calls ------------------------------------------------------------------
     def health(self) -> Health:
@@ -80,8 +85,25 @@ class PoolClient:
     def instances(self) -> list[InstanceInfo]:
         return [InstanceInfo.model_validate(i) for i in self.request("GET", "/instances")]
 
-    def attach(self, body: dict, timeout: float | None = None) -> InstanceInfo:
-        return InstanceInfo.model_validate(self.request("POST", "/instances", body, timeout))
+    def attach(self, body: dict, timeout: float | None = None,
+               on_event: Callable[[AttachEvent], None] | None = None) -> InstanceInfo:
+        """Attach; with `on_event`, streamed: it gets the started and phase events as they
+        come. The same instance, or the same PoolError, either way."""
+        if on_event is None:
+            return InstanceInfo.model_validate(self.request("POST", "/instances", body,
+                                                            timeout))
+        for ev in self.attach_events(body, timeout):
+            if isinstance(ev, DoneEvent):
+                return ev.instance
+            if isinstance(ev, ErrorEvent):
+                raise PoolError(f"HTTP {ev.status}: {ev.detail}", ev.status)
+            on_event(ev)
+        raise PoolError(f"the pool at {self.url} ended the attach stream without a result")
+
+    def attach_events(self, body: dict, timeout: float | None = None) -> Iterator[AttachEvent]:
+        """A streamed attach's events (api_models.AttachEvent), as they come."""
+        for ev in self.events("POST", "/instances?stream=true", body, timeout):
+            yield attach_event.validate_python(ev)
 
     def wake(self, ref: str, timeout_s: float) -> InstanceInfo:
         return InstanceInfo.model_validate(self.request(

@@ -74,6 +74,14 @@ class Serving(_Event):
     dist_ident: str | None = None   # VLLM_DIST_IDENT: prefix of vLLM's CPU TP segments
 
 
+class Progress(_Event):
+    """One attach phase finished on this worker (it runs on: the process's own phase is
+    unchanged); the daemon shows it while the attach goes on."""
+    instance_id: str = ""
+    phase: str = ""                 # a states.ATTACH_PHASES name
+    seconds: float = 0.0            # its time so far (the same figure Serving reports)
+
+
 class Detaching(_Event):
     instance_id: str = ""
     error: str | None = None        # why the attach ended, if it failed
@@ -89,7 +97,7 @@ class Stopped(_Event):
     pass
 
 
-Event = Idle | Attaching | Serving | Detaching | Failed | Stopped
+Event = Idle | Attaching | Progress | Serving | Detaching | Failed | Stopped
 
 _cmd_dec = msgspec.json.Decoder(Command)
 _evt_dec = msgspec.json.Decoder(Event)

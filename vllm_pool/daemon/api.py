@@ -10,10 +10,12 @@ import time
 
 from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from vllm_pool.api_models import (AttachBody, Health, InstanceInfo, KernelWarmupInfo,
                                   WorkerInfo)
 from vllm_pool.daemon import parking
+from vllm_pool.daemon.attach_stream import StreamedAttach
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Instance, Pool
 from vllm_pool.daemon.workers import WorkerHandle
@@ -30,7 +32,8 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
         else None, phases={k: round(v, 4) for k, v in i.phases.items()}, error=i.error,
         parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken,
         device_bytes=parking.device_bytes([pool.workers[s] for s in i.slots
-                                           if s in pool.workers]))
+                                           if s in pool.workers]),
+        phase=i.phase if i.state == InstanceState.ATTACHING else None)
 
 
 def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
@@ -142,8 +145,22 @@ def build_app(pool: Pool) -> FastAPI:
     @app.post("/instances", response_model=InstanceInfo, status_code=201,
               responses={409: {"description": "not enough free workers, or name/port taken"},
                          400: {"description": "the engine failed to start"}})
-    async def attach(body: AttachBody, response: Response) -> InstanceInfo:
+    async def attach(body: AttachBody, response: Response,
+                     stream: bool = Query(False, description=(
+                         "answer application/x-ndjson as the attach goes: a `started` "
+                         "line, a `phase` line per finished phase, then `done` (the "
+                         "instance) or `error` (status, detail); a request refused "
+                         "before it starts gets the plain error"))) -> InstanceInfo:
         """Attach; a parked instance with the same settings is woken instead (200)."""
+        if stream:
+            run = StreamedAttach(pool, body, lambda i: instance_info(pool, i))
+            run.start()
+            await run_in_threadpool(run.started.wait)
+            if run.inst is None:
+                status, detail = run.error or (500, "the attach ended without a result")
+                raise HTTPException(status, detail)
+            return StreamingResponse(run.lines(), status_code=200 if run.waking else 201,
+                                     media_type="application/x-ndjson")
         try:
             inst = await run_in_threadpool(
                 pool.attach, body.model, tp=body.tp, pp=body.pp, name=body.name,

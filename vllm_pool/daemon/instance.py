@@ -29,6 +29,14 @@ class PoolConfig:
     kernel_warmup: str = "off"              # off|eager|compiled: see kernel_warmup.py
 
 
+# The phase an attach is in once the named one is done (vLLM's start-up order; the
+# capture runs inside model_warmup, so it moves nothing).
+_NEXT_PHASE = {"reserve": "engine_start", "engine_start": "worker_init",
+               "worker_init": "weight_load", "weight_load": "memory_profiling",
+               "memory_profiling": "kv_cache", "kv_cache": "model_warmup",
+               "model_warmup": "ready", "ready": None}
+
+
 @dataclass(eq=False)
 class Instance(Stateful):
     id: str
@@ -59,12 +67,30 @@ class Instance(Stateful):
     host_bytes: int = 0                     # parked: host memory held (RSS over idle)
     woken: bool = False                     # the last attach request woke it
     kernel_warmup: bool = False             # the pool's own warm-up attach of a new worker
+    # An attach as it happens: the phase in progress, and the phases done so far in order
+    # (name, seconds, the phase then in progress), each signalled on `changed`;
+    # `launched_at`: the engine's launch.
+    phase: str | None = None
+    progress: list[tuple[str, float, str | None]] = field(default_factory=list)
+    launched_at: float | None = None
 
     def __post_init__(self) -> None:
         self._init_state(InstanceState.ATTACHING)
 
     def label(self) -> str:
         return f"instance {self.name}"
+
+    def phase_done(self, name: str, seconds: float, once: bool = False) -> None:
+        """Record a finished attach phase (`once`: unless it is recorded already)."""
+        with self.changed:
+            if once and self.done_seconds(name) is not None:
+                return
+            self.phase = _NEXT_PHASE.get(name, self.phase)
+            self.progress.append((name, round(seconds, 4), self.phase))
+            self.changed.notify_all()
+
+    def done_seconds(self, name: str) -> float | None:
+        return next((s for n, s, _ in list(self.progress) if n == name), None)
 
     @property
     def url(self) -> str:

@@ -21,6 +21,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from vllm_pool import compat, messages
 from vllm_pool.daemon import (allocator, kernel_warmup, park_wake, parking, ports, reclaim,
@@ -135,6 +136,15 @@ class Pool:
             inst.shm_names.update(getattr(ev, "shm_names", ()))
             if getattr(ev, "dist_ident", None):
                 inst.dist_idents.add(ev.dist_ident)
+        if isinstance(ev, messages.Progress):
+            # Rank 0's figures, as its Serving event's phases are the instance's.
+            if inst is not None and inst.slots and inst.slots[0] == w.slot:
+                inst.phase_done(ev.phase, ev.seconds)
+            return  # the worker's own phase is unchanged
+        if isinstance(ev, messages.Attaching) and inst is not None \
+                and inst.launched_at is not None:
+            # The engine reached its first worker: engine_start is over.
+            inst.phase_done("engine_start", time.perf_counter() - inst.launched_at, once=True)
         w.phase = type(ev).__name__.lower()
         if isinstance(ev, messages.Idle):
             w.baseline_bytes, w.start_s = ev.baseline_bytes, ev.start_s
@@ -208,7 +218,10 @@ class Pool:
     def attach(self, model: str, tp: int = 1, pp: int = 1, name: str | None = None,
                port: int | None = None, devices: list[str] | None = None,
                args: list[str] | None = None, env: dict[str, str] | None = None,
-               timeout: float = 900.0) -> Instance:
+               timeout: float = 900.0,
+               on_start: Callable[[Instance], None] | None = None) -> Instance:
+        """Attach (or wake a parked instance with the same settings). `on_start` gets the
+        instance once the request is accepted, before its engine starts (or the wake)."""
         t0 = time.perf_counter()
         args = list(args or [])
         env = dict(env or {})
@@ -220,6 +233,8 @@ class Pool:
                            and name in (None, i.name) and port in (None, i.port)), None)
         if parked is not None:
             # Re-attach of a parked model with the same settings: wake it, don't build it.
+            if on_start is not None:
+                on_start(parked)
             return park_wake.wake(self, parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
@@ -240,7 +255,10 @@ class Pool:
             except allocator.NoCapacity as e:
                 raise AttachError(str(e), 409) from None
             inst = self.lease(iid, name, model, tp, pp, port, args, env, slots, settings)
+        if on_start is not None:
+            on_start(inst)
         inst.phases["reserve"] = time.perf_counter() - t0
+        inst.phase_done("reserve", inst.phases["reserve"])
         logger.info("attaching %s as %s (TP=%d PP=%d) on workers %s, port %d",
                     model, name, tp, pp, slots, inst.port)
         self.launch(inst, timeout)
@@ -308,7 +326,7 @@ class Pool:
         os.makedirs(inst.run_dir, mode=0o700, exist_ok=True)
         workers = [self.workers[s] for s in inst.slots]
         argv, env = engine_order(self, inst, workers)
-        t_launch = time.perf_counter()
+        t_launch = inst.launched_at = time.perf_counter()
         try:
             inst.engine = self.engines.host_for(inst.env, inst.log_path, timeout)
         except OSError as e:
@@ -342,13 +360,17 @@ class Pool:
         now = time.perf_counter()
         inst.phases.update({k: 0.0 for k in ATTACH_PHASES if k not in inst.phases})
         inst.phases.update({k: round(v, 4) for k, v in workers[0].phases.items()})
-        inst.phases["engine_start"] = (t_reached or t_served) - t_launch
+        # The figure shown while attaching (taken when the first worker's event came).
+        shown = inst.done_seconds("engine_start")
+        inst.phases["engine_start"] = (t_reached or t_served) - t_launch if shown is None \
+            else shown
         inst.phases["ready"] = now - t_served
         inst.phases["total"] = now - t_launch + inst.phases["reserve"]
         with self.lock:
             if inst.state != _I.ATTACHING:
                 raise AttachError(f"attach failed: {inst.error}", 500)
-            transition(inst, _I.SERVING, ready_at=time.time())
+            inst.phase_done("ready", inst.phases["ready"])
+            transition(inst, _I.SERVING, ready_at=time.time(), phase=None)
         start_thread(f"PoolEngineWatch-{inst.id}", self._watch_engine, inst)
         logger.info("instance %s serving at %s after %.2fs", inst.name, inst.url,
                     inst.phases["total"])

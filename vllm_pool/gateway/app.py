@@ -19,7 +19,8 @@ from fastapi.responses import JSONResponse, Response
 
 from vllm_pool.gateway.metrics import GatewayMetrics
 from vllm_pool.gateway.proxy import Proxy, UpstreamError
-from vllm_pool.gateway.router import GatewayError, Model, Router, UnknownModel
+from vllm_pool.gateway.router import GatewayError, Model, ModelState, Router, UnknownModel
+from vllm_pool.states import InstanceState
 
 _STARTED = int(time.time())
 
@@ -29,13 +30,27 @@ def error(status: int, message: str, type_: str) -> JSONResponse:
                                    "code": status}}, status_code=status)
 
 
-def model_card(m: Model) -> dict:
+def model_card(m: Model, router: Router) -> dict:
     inst = m.instance
     return {"id": m.name, "object": "model", "created": _STARTED, "owned_by": "vllm-pool",
             "root": m.entry.model, "parent": None, "aliases": m.entry.aliases,
-            "state": m.state.value, "instance": inst.id if inst else None,
+            "state": m.state.value, "phase": _attach_phase(m, router),
+            "instance": inst.id if inst else None,
             "in_flight": m.in_flight, "waiting": m.waiting, "ttl": m.entry.idle_ttl,
             "last_error": m.last_error}
+
+
+def _attach_phase(m: Model, router: Router) -> str | None:
+    """An attaching model's phase, as the pool shows its instance (the daemon's Instance,
+    or a remote pool's last snapshot); "wake" while its parked instance wakes."""
+    if m.state != ModelState.ATTACHING:
+        return None
+    inst = router.pool.find(m.name)  # the gateway attaches each model under its name
+    if inst is None:
+        return None
+    if inst.state == InstanceState.WAKING:
+        return "wake"
+    return inst.phase if inst.state == InstanceState.ATTACHING else None
 
 
 def _header(scope: dict, name: bytes) -> bytes:
@@ -138,12 +153,12 @@ class GatewayApp:
 
         @app.get("/v1/models")
         def list_models() -> dict:
-            return {"object": "list", "data": [model_card(m) for m in router.models.values()]}
+            return {"object": "list", "data": [model_card(m, router) for m in router.models.values()]}
 
         @app.get("/v1/models/{name:path}")
         def get_model(name: str) -> Response:
             try:
-                return JSONResponse(model_card(router.resolve(name)))
+                return JSONResponse(model_card(router.resolve(name), router))
             except GatewayError as e:
                 return error(e.status, e.message, e.type)
 

@@ -17,13 +17,13 @@ import threading
 import time
 from typing import Protocol
 
-from vllm_pool.api_models import InstanceInfo
+from vllm_pool.api_models import InstanceInfo, PhaseEvent, StartedEvent
 from vllm_pool.client import PoolClient, PoolError
 from vllm_pool.daemon import allocator
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Pool
 from vllm_pool.gateway.models_file import ModelEntry
-from vllm_pool.states import InstanceState, WorkerState
+from vllm_pool.states import ATTACH_PHASES, InstanceState, WorkerState
 
 
 class ViewInstance(Protocol):
@@ -34,6 +34,7 @@ class ViewInstance(Protocol):
     url: str
     devices: list[str]
     phases: dict[str, float]
+    phase: str | None           # attaching: the phase in progress
 
 
 class PoolView(Protocol):
@@ -154,7 +155,7 @@ class RemotePool:
             self.reachable, self.last_error = False, str(e)
             return
         with self._lock:
-            self._instances = {i.id: i for i in insts}
+            self._instances = {i.id: _not_back(self._instances.get(i.id), i) for i in insts}
             self._devices = {w.slot: w.device for w in workers}
             # As the pool's allocator sees them: a warming worker is not free yet.
             self._states = {w.slot: WorkerState.STARTING if w.state == WorkerState.WARMING
@@ -175,8 +176,20 @@ class RemotePool:
         return cur is not None and cur.state == InstanceState.SERVING
 
     def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
+        started: list[InstanceInfo] = []
+
+        def on_event(ev) -> None:
+            # Streamed, so that the snapshot shows the attach's phase as it goes.
+            if isinstance(ev, StartedEvent):
+                started.append(self._put(ev.instance))
+            elif isinstance(ev, PhaseEvent) and started:
+                with self._lock:
+                    cur = self._instances.get(started[0].id)
+                    if cur is not None and cur.state == InstanceState.ATTACHING:
+                        self._instances[cur.id] = cur.model_copy(update={"phase": ev.next})
+
         inst = self._put(self._call(self.client.attach, attach_body(entry, devices, timeout),
-                                    timeout=timeout + 60))
+                                    timeout=timeout + 60, on_event=on_event))
         self.refresh()  # the workers it took
         return inst
 
@@ -199,3 +212,16 @@ class RemotePool:
         with self._lock:
             devices, states = dict(self._devices), dict(self._states)
         return devices, allocator.free_slots(states, devices)
+
+
+def _phase_rank(phase: str | None) -> int:
+    return ATTACH_PHASES.index(phase) if phase in ATTACH_PHASES else -1
+
+
+def _not_back(old: InstanceInfo | None, new: InstanceInfo) -> InstanceInfo:
+    """A snapshot read just before the attach stream's last event must not show an
+    attaching instance's phase going back."""
+    if old is not None and old.state == new.state == InstanceState.ATTACHING \
+            and _phase_rank(old.phase) > _phase_rank(new.phase):
+        return new.model_copy(update={"phase": old.phase})
+    return new

@@ -285,10 +285,14 @@ class PoolWorker:
             self.emit(messages.Serving, instance_id=s.instance_id, phases=dict(phases),
                       shm_names=shm, dist_ident=os.environ.get("VLLM_DIST_IDENT"))
 
+        def on_phase(name: str, seconds: float) -> None:
+            self.emit(messages.Progress, instance_id=s.instance_id, phase=name,
+                      seconds=seconds)
+
         proc = None
         error = None
         try:
-            proc = PoolWorkerProc(req, phases, on_init_done=init_done)
+            proc = PoolWorkerProc(req, phases, on_init_done=init_done, on_phase=on_phase)
             shm += compat.shm_names_of_handle(proc.worker_response_mq.export_handle())
             with s.lock:
                 s.proc = proc

@@ -22,9 +22,11 @@ _STOP = object()  # sentinel ending the async output thread
 
 class PoolWorkerProc(WorkerProc):
     def __init__(self, req: AttachRequest, phases: dict[str, float],
-                 on_init_done: Callable[[], None] | None = None):
+                 on_init_done: Callable[[], None] | None = None,
+                 on_phase: Callable[[str, float], None] | None = None):
         self.phases = phases
         self._on_init_done = on_init_done
+        self._on_phase = on_phase  # each phase as it ends, so the attach shows progress
         self._t = time.perf_counter()
         self._title_calls = 0
         super().__init__(
@@ -42,6 +44,11 @@ class PoolWorkerProc(WorkerProc):
         now = time.perf_counter()
         self.phases[name] = self.phases.get(name, 0.0) + (now - self._t)
         self._t = now
+        self._report(name)
+
+    def _report(self, name: str) -> None:
+        if self._on_phase is not None:
+            self._on_phase(name, self.phases[name])
 
     # WorkerProc.__init__ calls this after init_worker and again after init_device.
     def setup_proc_title_and_log_prefix(self, enable_ep: bool) -> None:  # type: ignore[override]
@@ -71,13 +78,18 @@ class PoolWorkerProc(WorkerProc):
                 if after is not None:
                     compat.warmup_sink(self.phases)  # parts of the warm-up, by name
                 t0 = time.perf_counter()
+                ok = False
                 try:
-                    return fn(*args, **kwargs)
+                    out = fn(*args, **kwargs)
+                    ok = True
+                    return out
                 finally:
                     self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
                     if after is not None:
                         compat.warmup_sink(None)
                         after()
+                    elif ok:
+                        self._report(phase)
             setattr(obj, method, run)
 
         timed(wrapper, "determine_available_memory", "memory_profiling")
@@ -90,6 +102,7 @@ class PoolWorkerProc(WorkerProc):
     def _init_done(self) -> None:
         # compile_or_warm_up_model is the engine's last start-up RPC.
         self.phases["model_warmup"] -= self.phases.get("graph_capture", 0.0)
+        self._report("model_warmup")
         cc = getattr(self.worker.vllm_config, "compilation_config", None)
         self.phases["compile"] = float(getattr(cc, "compilation_time", 0.0) or 0.0)
         if "vllm_pool.worker.sleep_backend" in sys.modules:  # registered at the worker's start
