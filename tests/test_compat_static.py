@@ -135,3 +135,17 @@ def test_source_tree_has_what_the_pool_needs(root):
         if got != want:
             changed.append(f"{_key_id(key)}: {got}, written for {want}")
     assert (missing, changed) == ([], []), f"vLLM {version} source"
+
+
+def test_the_check_off_the_cpu_platform_imports_no_cpu_worker_module():
+    """vLLM's CPU worker modules patch torch.cuda.Event, Stream and the device memory
+    reading at import: the worker's check on a GPU must leave them unimported (on the
+    H200 importing them broke every compile and vLLM's memory check)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from vllm_pool import compat; compat.vllm_problems(on_cpu=False)\n"
+            "print(sorted(m for m in sys.modules if compat._cpu_only(m)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip().splitlines()[-1]
+    assert out == "[]", out

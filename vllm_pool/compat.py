@@ -345,19 +345,38 @@ def expected_signature(key: tuple[str, str], version: str) -> str | None:
     return best[1] if best else None
 
 
-def vllm_problems(version: str | None = None) -> tuple[list[str], list[str]]:
+# vLLM's CPU worker modules patch torch when imported (vllm/v1/worker/cpu/shm.py, 0.26:
+# torch.cuda.Event and Stream become no-op placeholders, device memory is read from the
+# host's NUMA node). A GPU process must never import them: on the H200 that broke every
+# compile (autotuning timed with a placeholder event) and vLLM's memory check (15.7 GiB
+# "total").
+CPU_ONLY_MODULES = ("vllm.v1.worker.cpu_worker", "vllm.v1.worker.cpu_model_runner",
+                    "vllm.v1.worker.cpu.")
+
+
+def _cpu_only(mod: str) -> bool:
+    return any(mod == m.rstrip(".") or mod.startswith(m) for m in CPU_ONLY_MODULES)
+
+
+def vllm_problems(version: str | None = None,
+                  on_cpu: bool = True) -> tuple[list[str], list[str]]:
     """Compare the imported vLLM with what the pool needs: (missing, changed). `missing`
     names each REQUIRED_SYMBOLS entry that does not import; `changed` each SIGNATURES
     entry whose signature differs from the one written for this version. The one check,
-    used by the pool worker at start (`check_vllm`) and by the compat tests."""
+    used by the pool worker at start (`check_vllm`) and by the compat tests. Off the CPU
+    platform (`on_cpu` False) the CPU worker's symbols are not imported (CPU_ONLY_MODULES)."""
     v = version or vllm_version()
     missing, changed = [], []
     for mod, attr in REQUIRED_SYMBOLS:
+        if not on_cpu and _cpu_only(mod):
+            continue
         try:
             resolve_symbol(mod, attr)
         except (ImportError, AttributeError):
             missing.append(f"{mod}.{attr}")
     for key in SIGNATURES:
+        if not on_cpu and _cpu_only(key[0]):
+            continue
         want = expected_signature(key, v)
         try:
             got = signature_of(resolve_symbol(*key))
@@ -376,8 +395,10 @@ def check_vllm() -> str:
     work, as with a new optional argument); the compat tests fail on it."""
     import logging
 
+    from vllm.platforms import current_platform
+
     v = check_vllm_version(vllm_version())
-    missing, changed = vllm_problems(v)
+    missing, changed = vllm_problems(v, on_cpu=current_platform.is_cpu())
     if missing:
         raise UnsupportedVLLM(
             f"vLLM {v} is not supported by this vllm-pool: {', '.join(missing)} missing; "
