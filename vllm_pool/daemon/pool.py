@@ -158,10 +158,11 @@ class Pool:
                 transition(w, w.state, instance_id=None)  # the warm-up's detach is done
             else:
                 transition(w, _W.IDLE, instance_id=None)
-                if w.extra and not self.stopping:
-                    # Back after its device got an idle worker again: one of them can go.
-                    start_thread("PoolTrimWorkers", park_wake.trim_idle_workers, self,
-                                 [w.device])
+            if w.extra and w.state == _W.IDLE and not self.stopping:
+                # Idle (first start included: its device may have an idle worker again
+                # since it was started): one of them can go.
+                start_thread("PoolTrimWorkers", park_wake.trim_idle_workers, self,
+                             [w.device])
         elif isinstance(ev, messages.Attaching):
             if w.state == _W.RESERVED:
                 transition(w, _W.ATTACHING)
