@@ -10,6 +10,9 @@ Invariants kept under `self.lock`:
 Every state change goes through states.transition. Beside this module: engines.py (which
 process an engine runs in), park_wake.py (parking), kernel_warmup.py (a new worker's
 warm-up attach), reclaim.py (shared memory and run directories), arg_policy.py.
+Why about 480 lines: attach (lease, launch, wait) and the mapping of worker events to
+states are one state machine over the same instance and worker records; split further
+they would reach into each other's private state.
 """
 
 from __future__ import annotations
