@@ -27,15 +27,7 @@ import httpx
 from bench_attach import first_completion, stop_group
 from common import free_port, machine, start_run, wait_health
 
-
-def keys(root: str) -> set[str]:
-    top = os.path.join(root, "torch_compile_cache")
-    out = {n for n in os.listdir(top) if n != "torch_aot_compile"} if os.path.isdir(top) \
-        else set()
-    aot = os.path.join(top, "torch_aot_compile")
-    if os.path.isdir(aot):
-        out |= {f"torch_aot_compile/{n}" for n in os.listdir(aot)}
-    return out
+from vllm_pool.compat import compile_cache_keys
 
 
 def load_lines(text: str) -> list[str]:
@@ -116,9 +108,9 @@ def main() -> int:
         print(json.dumps(s), flush=True)
         return s
 
-    before = keys(root)
+    before = compile_cache_keys(root)
     r = plain(a, a.model, env, os.path.join(log_dir, "plain-a.log"))
-    plain_a = step("plain A", **r, keys_added=sorted(keys(root) - before))
+    plain_a = step("plain A", **r, keys_added=sorted(compile_cache_keys(root) - before))
 
     port = free_port()
     dev = ["--gpus", a.gpus] if a.device == "gpu" else ["--cpu-slots", "1"]
@@ -138,7 +130,7 @@ def main() -> int:
         for label, model in (("A", a.model), ("A'", a.model_ft), ("C", a.model_c)):
             if model is None:
                 continue
-            before, sizes = keys(root), worker_log_size(log_dir)
+            before, sizes = compile_cache_keys(root), worker_log_size(log_dir)
             t0 = time.perf_counter()
             r = c.post("/instances", json={"model": model, "name": "share", "env": env,
                                            "args": a.engine_args, "timeout_s": a.timeout})
@@ -154,7 +146,7 @@ def main() -> int:
             attached[label] = step(
                 f"pool {label}", seconds_to_first_completion=round(secs, 2),
                 phases=inst.get("phases"), output=out,
-                keys_added=sorted(keys(root) - before), log=worker_log_since(log_dir, sizes))
+                keys_added=sorted(compile_cache_keys(root) - before), log=worker_log_since(log_dir, sizes))
     finally:
         c.close()
         stop_group(pool)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests import helpers
+from vllm_pool import compat
 
 PHASES = {"reserve", "engine_start", "worker_init", "weight_load", "memory_profiling",
           "kv_cache", "compile", "graph_capture", "model_warmup", "ready", "total"}
@@ -108,18 +109,6 @@ def test_bfloat16_first_attach_of_a_fresh_worker_matches_plain(logs, model_b, re
         assert d.stop() == 0
 
 
-def _compile_cache_keys(root: str) -> set[str]:
-    """The keys vLLM filed compiled graphs under: hash directories of its compile cache
-    (and of its AOT cache inside it, where the version has one)."""
-    top = os.path.join(root, "torch_compile_cache")
-    keys = {n for n in os.listdir(top) if n != "torch_aot_compile"} if os.path.isdir(top) \
-        else set()
-    aot = os.path.join(top, "torch_aot_compile")
-    if os.path.isdir(aot):
-        keys |= {f"torch_aot_compile/{n}" for n in os.listdir(aot)}
-    return keys
-
-
 def test_compile_cache_key_has_nothing_per_attach(idle_pool, model_a, logs, tmp_path):
     """Compiled (not eager): two attaches with other names, ports, leases and run
     directories file their graphs under one key, the key plain `vllm serve` uses for the
@@ -136,7 +125,7 @@ def test_compile_cache_key_has_nothing_per_attach(idle_pool, model_a, logs, tmp_
         inst = _ok(pool.attach(model_a, name=f"compiled-{i}", port=helpers.free_port(),
                                args=args, env=env, devices=["cpu:0"]))
         outs.append(helpers.greedy(inst["url"], model_a))
-        keys.append(_compile_cache_keys(cache))
+        keys.append(compat.compile_cache_keys(cache))
         assert pool.detach(inst["name"]).status_code == 200
     assert keys[0], "the compiled attach filed nothing under VLLM_CACHE_ROOT"
     assert keys[1] == keys[0], f"the second attach compiled under a new key: {keys}"
@@ -145,7 +134,7 @@ def test_compile_cache_key_has_nothing_per_attach(idle_pool, model_a, logs, tmp_
     with helpers.plain_vllm(model_a, 1, os.path.join(logs, "plain-compiled.log"), args,
                             env=dict(env, VLLM_CPU_OMP_THREADS_BIND="auto")) as url:
         plain_out = helpers.greedy(url, model_a)
-    assert _compile_cache_keys(cache) == keys[0], "plain vLLM keys the same model otherwise"
+    assert compat.compile_cache_keys(cache) == keys[0], "plain vLLM keys the same model otherwise"
     assert outs[0] == outs[1] == plain_out
 
 
@@ -192,7 +181,7 @@ def test_compile_cache_shared_by_architecture(idle_pool, model_a, model_a_ft, mo
         inst = _ok(pool.attach(model, name="arch", port=helpers.free_port(), args=args,
                                env=env, devices=["cpu:0"]))
         outs[label] = helpers.greedy(inst["url"], model)
-        keys[label] = _compile_cache_keys(cache)
+        keys[label] = compat.compile_cache_keys(cache)
         assert pool.detach("arch").status_code == 200
         found[label] = _aot_artifacts_found(_worker_log_lines(pool.log_dir)[before:])
     assert keys["A"], "the compiled attach filed nothing under VLLM_CACHE_ROOT"

@@ -777,6 +777,19 @@ def destroy_distributed_environment() -> None:
     destroy()
 
 
+def compile_cache_keys(root: str) -> set[str]:
+    """The keys vLLM filed compiled graphs under in the cache root `root`
+    (VLLM_CACHE_ROOT): hash directories of its compile cache, and of its AOT cache inside
+    it where the version has one (`torch_aot_compile/<key>`)."""
+    top = os.path.join(root, "torch_compile_cache")
+    keys = {n for n in os.listdir(top) if n != "torch_aot_compile"} if os.path.isdir(top) \
+        else set()
+    aot = os.path.join(top, "torch_aot_compile")
+    if os.path.isdir(aot):
+        keys |= {f"torch_aot_compile/{n}" for n in os.listdir(aot)}
+    return keys
+
+
 def prepare_worker_process(device_spec: str) -> Any:
     """A pool worker's start: import what an attach would otherwise import on its critical
     path (vLLM's worker modules for this platform, a common architecture) and, on a GPU,
