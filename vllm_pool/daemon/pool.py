@@ -286,7 +286,12 @@ class Pool:
         except packing.NoRoom as e:
             raise AttachError(str(e), 409) from None
         # A packed attach gets a worker process of its own beside those already there.
-        park_wake.add_workers_beside(self, chosen)
+        try:
+            park_wake.add_workers_beside(self, chosen)
+        except BaseException:
+            for d in sorted(chosen, reverse=True):
+                self.device_locks[d].release()
+            raise
         return chosen
 
     def _attach_on(self, held: list[str], util: float, model: str, tp: int, pp: int,
