@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from vllm_pool.api_models import (AttachBody, DeviceInfo, Health, InstanceInfo,
                                   KernelWarmupInfo, WorkerInfo)
-from vllm_pool.daemon import parking
+from vllm_pool.daemon import parking, placement
 from vllm_pool.daemon.attach_stream import StreamedAttach
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Instance, Pool
@@ -38,7 +38,7 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
 
 
 def device_infos(pool: Pool) -> list[DeviceInfo]:
-    rooms = {r.device: r for r in pool.rooms()}
+    rooms = {r.device: r for r in placement.rooms(pool)}
     out = []
     for d in pool.cfg.devices:
         r = rooms.get(d)

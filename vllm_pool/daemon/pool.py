@@ -9,7 +9,8 @@ Invariants kept under `self.lock`:
 
 Every state change goes through states.transition. Beside this module: engines.py (which
 process an engine runs in), park_wake.py (parking), kernel_warmup.py (a new worker's
-warm-up attach), reclaim.py (shared memory and run directories), arg_policy.py.
+warm-up attach), reclaim.py (shared memory and run directories), arg_policy.py,
+placement.py (which GPUs a packed attach takes, and their locks).
 Why about 480 lines: attach (lease, launch, wait) and the mapping of worker events to
 states are one state machine over the same instance and worker records; split further
 they would reach into each other's private state.
@@ -27,8 +28,8 @@ import uuid
 from collections.abc import Callable
 
 from vllm_pool import compat, messages
-from vllm_pool.daemon import (allocator, kernel_warmup, packing, park_wake, parking, ports,
-                              reclaim, state_file)
+from vllm_pool.daemon import (allocator, kernel_warmup, packing, park_wake, parking,
+                              placement, ports, reclaim, state_file)
 from vllm_pool.daemon.arg_policy import check_args
 from vllm_pool.daemon.background import start_thread
 from vllm_pool.daemon.engines import EngineHosts, engine_order
@@ -249,50 +250,13 @@ class Pool:
             return park_wake.wake(self, parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
-        held = self._place(util, n, devices) if self.rooms() else []
+        held = placement.place(self, util, n, devices) if placement.rooms(self) else []
         try:
             return self._attach_on(held, util, model, tp, pp, name, port, devices, args, env,
                                    timeout, on_start, settings, iid, t0)
         finally:
             for d in held:
                 self.device_locks[d].release()
-
-    def rooms(self) -> list[packing.Room]:
-        """Each GPU's memory now (NVML, through one of its workers); [] unless every pool
-        device has a reading: then the pool packs by memory, else one model per device
-        (CPU, or a GPU without NVML's figures)."""
-        rooms = {}
-        for w in list(self.workers.values()):
-            if w.device.startswith("cuda") and w.device not in rooms and w.device_uuid:
-                _, free, total = w.memory_now()
-                if total:
-                    rooms[w.device] = packing.Room(w.device, total, free)
-        return list(rooms.values()) if set(rooms) == set(self.cfg.devices) else []
-
-    def _place(self, util: float, n: int, wanted: list[str] | None) -> list[str]:
-        """Choose the GPUs (packing.choose) and hold their locks; the choice is checked
-        again with the locks held (another attach may have started there meanwhile)."""
-        margin = self.cfg.pack_margin_mib
-        try:
-            chosen = packing.choose(self.rooms(), util, n, margin, wanted)
-            for d in sorted(chosen):
-                self.device_locks[d].acquire()
-            try:
-                packing.choose(self.rooms(), util, n, margin, chosen)
-            except packing.NoRoom:
-                for d in sorted(chosen, reverse=True):
-                    self.device_locks[d].release()
-                raise
-        except packing.NoRoom as e:
-            raise AttachError(str(e), 409) from None
-        # A packed attach gets a worker process of its own beside those already there.
-        try:
-            park_wake.add_workers_beside(self, chosen)
-        except BaseException:
-            for d in sorted(chosen, reverse=True):
-                self.device_locks[d].release()
-            raise
-        return chosen
 
     def _attach_on(self, held: list[str], util: float, model: str, tp: int, pp: int,
                    name: str | None, port: int | None, devices: list[str] | None,

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from vllm_pool.api_models import InstanceInfo, PhaseEvent, StartedEvent
 from vllm_pool.client import PoolClient, PoolError
-from vllm_pool.daemon import allocator
+from vllm_pool.daemon import allocator, placement
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Pool
 from vllm_pool.gateway.models_file import ModelEntry
@@ -97,7 +97,7 @@ class LocalPool:
 
     def packs(self) -> bool:
         """The pool places attaches by GPU memory (daemon/packing.py), several per GPU."""
-        return bool(self.pool.rooms())
+        return bool(placement.rooms(self.pool))
 
     def workers(self) -> tuple[dict[int, str], set[int]]:
         """Every worker's device by slot, and the slots an attach may take now."""
