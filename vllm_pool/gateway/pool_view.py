@@ -168,7 +168,8 @@ class RemotePool:
                             else w.state for w in workers}
             # As Pool.rooms: every GPU has NVML's figures, so the pool packs by memory.
             self._packs = bool(workers) and all(
-                w.device.startswith("cuda") and w.device_total_bytes for w in workers)
+                w.device.startswith("cuda") and w.memory_source == "nvml"
+                and w.device_total_bytes for w in workers)
         self.reachable, self.last_error = True, None
 
     def _put(self, inst: InstanceInfo) -> InstanceInfo:

@@ -236,7 +236,8 @@ class Router:
                     inst = await asyncio.to_thread(self.pool.attach, m.entry, devices,
                                                    self.attach_timeout)
                 except AttachError as e:
-                    if e.status == 409 and packs and "no room" in str(e):
+                    if e.status == 409 and packs and ("no room" in str(e)
+                                                      or "free workers" in str(e)):
                         # Eviction frees memory: one model at a time, until it fits.
                         victim = self._pick_victim(m)
                         if victim is not None:
