@@ -250,6 +250,22 @@ SIGNATURES: dict[tuple[str, str], dict[str, str]] = {
 }
 
 
+# vLLM's default `--gpu-memory-utilization` (CacheConfig.gpu_memory_utilization, 0.26
+# through 0.33): what an attach that does not set it asks for, when the pool packs models
+# by memory. Kept here, not imported, because the daemon does not import vLLM;
+# tests/test_compat_static.py checks it against the installed vLLM.
+GPU_MEMORY_UTILIZATION_DEFAULT = 0.92
+GPU_MEMORY_UTILIZATION_FIELD = ("vllm.config.cache", "CacheConfig")
+
+
+def vllm_gpu_memory_utilization_default() -> float:
+    """The installed vLLM's own default (imports vLLM: tests and workers only)."""
+    mod, cls = GPU_MEMORY_UTILIZATION_FIELD
+    # A pydantic dataclass: the field's default is a FieldInfo.
+    return float(getattr(importlib.import_module(mod), cls)
+                 .__pydantic_fields__["gpu_memory_utilization"].default)
+
+
 class UnsupportedVLLM(RuntimeError):
     pass
 
