@@ -590,6 +590,46 @@ def clear_cuda_graphs() -> None:
             pass
 
 
+# vLLM's cumem allocator (csrc/cumem_allocator.cpp, 0.26 through 0.32 at least) keeps the
+# last CUDA error in a global `error_code` that only its Python entry points reset; its
+# `my_malloc` returns nullptr while it is set. Freeing an allocation that sleep mode has
+# already unmapped (the detach of a parked instance) makes `my_free` call cuMemUnmap on
+# it again: "invalid argument", the flag stays set, and every later allocation in that
+# pool fails in the worker ("Tried to allocate 2.00 MiB" with the GPU empty). The Python
+# free callback special-cases asleep allocations only on ROCm. Nothing leaks: sleep
+# released the physical memory, and `my_free` still frees the address range. The flag
+# is an exported symbol of the extension, read and cleared here.
+def _cumem_error_flag() -> Any | None:
+    try:
+        from vllm.device_allocator import cumem
+    except ImportError:
+        return None
+    path = getattr(cumem, "lib_name", None)
+    if not getattr(cumem, "cumem_available", False) or not path:
+        return None
+    import ctypes
+
+    try:  # already loaded by vLLM: dlopen returns the same library
+        return ctypes.c_int.in_dll(ctypes.CDLL(path), "error_code")
+    except (OSError, ValueError):  # another build of the extension: no such symbol
+        return None
+
+
+def cumem_error_code() -> int:
+    """The CUDA error vLLM's cumem allocator holds (0: none, or no such allocator)."""
+    flag = _cumem_error_flag()
+    return int(flag.value) if flag is not None else 0
+
+
+def clear_cumem_error() -> int:
+    """Clear the cumem allocator's kept error (see above); returns the code it held."""
+    flag = _cumem_error_flag()
+    if flag is None or not flag.value:
+        return 0
+    code, flag.value = int(flag.value), 0
+    return code
+
+
 def dynamo_bytecode_hooks() -> dict:
     """Dynamo's global bytecode-hook registry. vLLM's compile wrapper registers the
     model's bound `bytecode_hook` there and never removes it, so after a detach the hook
