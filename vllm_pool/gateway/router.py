@@ -226,11 +226,7 @@ class Router:
                 devices = (list(m.entry.devices or []) or None) if packs \
                     else self._devices_for(m.entry)
                 if devices is None and not packs:
-                    victim = self._pick_victim(m)
-                    if victim is not None:
-                        await self._evict_model(victim, "lru")
-                    else:
-                        await self._wait_change(1.0)
+                    await self._evict_one_or_wait(m)
                     continue
                 try:
                     inst = await asyncio.to_thread(self.pool.attach, m.entry, devices,
@@ -239,11 +235,7 @@ class Router:
                     if e.status == 409 and packs and ("no room" in str(e)
                                                       or "free workers" in str(e)):
                         # Eviction frees memory: one model at a time, until it fits.
-                        victim = self._pick_victim(m)
-                        if victim is not None:
-                            await self._evict_model(victim, "lru")
-                        else:
-                            await self._wait_change(1.0)
+                        await self._evict_one_or_wait(m)
                         continue
                     if e.status == 409:
                         # Room taken meanwhile (or the name): look again.
@@ -349,6 +341,14 @@ class Router:
             pass  # already gone
         except AttachError as e:
             logger.warning("detach of %s: %s", instance.name, e)
+
+    async def _evict_one_or_wait(self, m: Model) -> None:
+        """Evict the least recently used idle model for `m`, or wait for a change."""
+        victim = self._pick_victim(m)
+        if victim is not None:
+            await self._evict_model(victim, "lru")
+        else:
+            await self._wait_change(1.0)
 
     async def _evict_model(self, m: Model, reason: str) -> None:
         inst = m.instance
