@@ -115,3 +115,18 @@ def test_an_unpacked_wake_evicts_everything_on_its_device(gpu_pool):
     GpuWorker.gpu["own"][p.instances["a"].slots[0]] = GIB  # room enough, but not packed
     assert p.wake(d).state == InstanceState.SERVING
     assert p.evicted == ["a"]
+
+
+def test_a_packed_wake_that_may_not_evict_is_refused_and_stays_parked(gpu_pool):
+    """evict=false (the gateway's call, which evicts by its own rule): 409, nothing
+    evicted, the instance parked as before, and a later wake with room succeeds."""
+    p = gpu_pool
+    for k, name in enumerate(["a", "b", "c"]):
+        _serving(p, name, 0.3, last_used=k)
+    d = _parked(p, "d", 0.3, last_used=10)
+    with pytest.raises(park_wake.AttachError) as e:
+        p.wake(d, evict=False)
+    assert e.value.status == 409 and "no room to wake d" in str(e.value)
+    assert d.state == InstanceState.PARKED and p.evicted == []
+    p.detach("a", park=True)
+    assert p.wake(d, evict=False).state == InstanceState.SERVING

@@ -72,10 +72,11 @@ def park(pool: Pool, ref: str) -> Instance:
 
 
 def wake(pool: Pool, inst: Instance, timeout: float = 900.0,
-         room: Room | None = None) -> Instance:
+         room: Room | None = None, evict: bool = True) -> Instance:
     """Wake a parked instance for a re-attach; make room on its devices first: everything
     that serves there, or, for a packed instance (`room`), the least recently used of
-    them until its share fits."""
+    them until its share fits. A packed wake without `evict` evicts nothing: 409 when its
+    share does not fit (the gateway then evicts by its own rule, which sees requests)."""
     t0 = time.perf_counter()
     with pool.lock:
         if inst.state == _I.WAKING:
@@ -87,19 +88,26 @@ def wake(pool: Pool, inst: Instance, timeout: float = 900.0,
             raise AttachError(f"instance {inst.name} is {inst.state.value}", 409)
     if waiting:  # another request is waking it: answer with its outcome
         inst.wait_for(lambda i: i.state != _I.WAKING, timeout)
+        if inst.state == _I.PARKED:
+            raise AttachError(f"no room to wake {inst.name} on {inst.devices}", 409)
         if inst.state != _I.SERVING:
             raise AttachError(f"wake of {inst.name} failed: {inst.error}", 500)
         return inst
     with room.held() if room is not None else nullcontext():
-        return _wake_held(pool, inst, timeout, room, t0)
+        return _wake_held(pool, inst, timeout, room, evict, t0)
 
 
-def _wake_held(pool: Pool, inst: Instance, timeout: float, room: Room | None,
+def _wake_held(pool: Pool, inst: Instance, timeout: float, room: Room | None, evict: bool,
                t0: float) -> Instance:
     with pool.lock:
         occupants = sorted((i for i in pool.instances.values() if i is not inst
                             and i.state == _I.SERVING and set(i.devices) & set(inst.devices)),
                            key=lambda i: i.last_used)
+    if room is not None and not evict and occupants and not room.fits():
+        with pool.lock:
+            transition(inst, _I.PARKED, [_I.WAKING])
+        raise AttachError(f"no room to wake {inst.name} on {inst.devices} beside "
+                          f"{[i.name for i in occupants]} (evict=false)", 409)
     for k, occ in enumerate(occupants):
         if room is not None and room.fits():
             logger.info("waking %s beside %d serving instances: its share fits", inst.name,

@@ -500,10 +500,10 @@ class Pool:
     def park(self, ref: str) -> Instance:
         return park_wake.park(self, ref)
 
-    def wake(self, inst: Instance, timeout: float = 900.0) -> Instance:
+    def wake(self, inst: Instance, timeout: float = 900.0, evict: bool = True) -> Instance:
         packed = inst.gpu_memory_utilization is not None
         return park_wake.wake(self, inst, timeout,
-                              placement.WakeRoom(self, inst) if packed else None)
+                              placement.WakeRoom(self, inst) if packed else None, evict)
 
     # ---- queries ---------------------------------------------------------------------------
     def find(self, ref: str) -> Instance | None:
