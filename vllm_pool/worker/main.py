@@ -73,6 +73,9 @@ class PoolWorker:
         self.start_s = 0.0
         self.slack = int(args.memory_slack_mib) * 2**20
         self.context_allowance = int(args.context_memory_mib) * 2**20
+        from vllm_pool.worker.heap_trace import HeapTrace
+
+        self.heap_trace = HeapTrace()  # off unless VLLM_POOL_HEAP_TRACE=1
 
     # ---- events ---------------------------------------------------------------
     def emit(self, kind, **kw) -> None:
@@ -249,6 +252,7 @@ class PoolWorker:
             logger.info("worker %d idle footprint after the kernel warm-up: %.0f MiB (was "
                         "%.0f MiB)", self.slot, self.baseline.device_bytes / 2**20,
                         before / 2**20)
+        self.heap_trace.after_detach(self.slot)
         freeze_idle_heap(collect=False)  # collected just before the clean check
         self.emit(messages.Idle)
 
