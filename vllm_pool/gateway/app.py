@@ -19,8 +19,7 @@ from fastapi.responses import JSONResponse, Response
 
 from vllm_pool.gateway.metrics import GatewayMetrics
 from vllm_pool.gateway.proxy import Proxy, UpstreamError
-from vllm_pool.gateway.router import GatewayError, Model, ModelState, Router, UnknownModel
-from vllm_pool.states import InstanceState
+from vllm_pool.gateway.router import GatewayError, Model, Router, UnknownModel
 
 _STARTED = int(time.time())
 
@@ -32,25 +31,18 @@ def error(status: int, message: str, type_: str) -> JSONResponse:
 
 def model_card(m: Model, router: Router) -> dict:
     inst = m.instance
+    e = m.entry
     return {"id": m.name, "object": "model", "created": _STARTED, "owned_by": "vllm-pool",
-            "root": m.entry.model, "parent": None, "aliases": m.entry.aliases,
-            "state": m.state.value, "phase": _attach_phase(m, router),
+            "root": e.model, "parent": None, "aliases": e.aliases,
+            "state": m.state.value, "phase": router.attach_phase(m),
             "instance": inst.id if inst else None,
-            "in_flight": m.in_flight, "waiting": m.waiting, "ttl": m.entry.idle_ttl,
-            "last_error": m.last_error}
-
-
-def _attach_phase(m: Model, router: Router) -> str | None:
-    """An attaching model's phase, as the pool shows its instance (the daemon's Instance,
-    or a remote pool's last snapshot); "wake" while its parked instance wakes."""
-    if m.state != ModelState.ATTACHING:
-        return None
-    inst = router.pool.find(m.name)  # the gateway attaches each model under its name
-    if inst is None:
-        return None
-    if inst.state == InstanceState.WAKING:
-        return "wake"
-    return inst.phase if inst.state == InstanceState.ATTACHING else None
+            "in_flight": m.in_flight, "waiting": m.waiting, "ttl": e.idle_ttl,
+            "last_error": m.last_error,
+            "replicas": [{"pool": r.pool, "instance": r.instance.id, "name": r.instance.name,
+                          "state": r.state.value, "in_flight": r.in_flight,
+                          "devices": list(r.instance.devices)} for r in m.replicas],
+            "min_replicas": e.replicas.min, "max_replicas": e.replicas.max,
+            "target_in_flight": e.target_in_flight}
 
 
 def _header(scope: dict, name: bytes) -> bytes:
@@ -107,7 +99,7 @@ class GatewayApp:
                          "BadRequestError")
         router = self.router
         try:
-            m = await router.acquire(name)
+            m = await router.acquire(name)  # a router.Lease
         except GatewayError as e:
             # Unknown names are not labels: a client must not grow the metric without bound.
             label = "" if isinstance(e, UnknownModel) else router.resolve(name).name
@@ -122,7 +114,9 @@ class GatewayApp:
             return await self.proxy.forward(scope, body, m.instance.url, done)
         except UpstreamError as e:
             done(502)
-            return error(502, str(e), "BadGatewayError")
+            pool = getattr(getattr(m, "replica", None), "pool", None)
+            where = f" (model `{m.name}`" + (f", pool {pool})" if pool else ")")
+            return error(502, str(e) + where, "BadGatewayError")
 
     def _build_api(self) -> FastAPI:
         router, metrics, proxy = self.router, self.metrics, self.proxy
