@@ -98,25 +98,33 @@ class GatewayApp:
             return error(400, "the request names no `model`; see GET /v1/models",
                          "BadRequestError")
         router = self.router
-        try:
-            m = await router.acquire(name)  # a router.Lease
-        except GatewayError as e:
-            # Unknown names are not labels: a client must not grow the metric without bound.
-            label = "" if isinstance(e, UnknownModel) else router.resolve(name).name
-            metrics.requests.labels(label, str(e.status)).inc()
-            return error(e.status, e.message, e.type)
+        for attempt in (0, 1):
+            try:
+                m = await router.acquire(name)  # a router.Lease
+            except GatewayError as e:
+                # Unknown names are not labels: a client must not grow the metric without
+                # bound.
+                label = "" if isinstance(e, UnknownModel) else router.resolve(name).name
+                metrics.requests.labels(label, str(e.status)).inc()
+                return error(e.status, e.message, e.type)
 
-        def done(status: int) -> None:
-            router.release(m)
-            metrics.requests.labels(m.name, str(status)).inc()
+            def done(status: int, m=m) -> None:
+                router.release(m)
+                metrics.requests.labels(m.name, str(status)).inc()
 
-        try:
-            return await self.proxy.forward(scope, body, m.instance.url, done)
-        except UpstreamError as e:
-            done(502)
-            pool = getattr(getattr(m, "replica", None), "pool", None)
-            where = f" (model `{m.name}`" + (f", pool {pool})" if pool else ")")
-            return error(502, str(e) + where, "BadGatewayError")
+            try:
+                return await self.proxy.forward(scope, body, m.instance.url, done)
+            except UpstreamError as e:
+                if not e.sent and attempt == 0 and hasattr(router, "unreachable"):
+                    # Refused: nothing reached that engine (its pool may be gone before
+                    # the gateway's next look at it). Once more, on another replica.
+                    router.release(m)
+                    router.unreachable(m)
+                    continue
+                done(502)
+                pool = getattr(getattr(m, "replica", None), "pool", None)
+                where = f" (model `{m.name}`" + (f", pool {pool})" if pool else ")")
+                return error(502, str(e) + where, "BadGatewayError")
 
     def _build_api(self) -> FastAPI:
         router, metrics, proxy = self.router, self.metrics, self.proxy

@@ -31,7 +31,9 @@ _SSE_DONE = b"data: [DONE]"
 
 
 class UpstreamError(Exception):
-    pass
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent  # False: the connection was refused, nothing reached the engine
 
 
 class _Relay(StreamingResponse):
@@ -98,7 +100,8 @@ class Proxy:
                 skip_auto_headers=("Accept-Encoding", "Content-Type"))
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"the instance at {base_url} did not answer: "
-                                f"{type(e).__name__}: {e}") from None
+                                f"{type(e).__name__}: {e}",
+                                sent=not isinstance(e, aiohttp.ClientConnectorError)) from None
         if upstream.headers.get("content-type", "").startswith("text/event-stream") \
                 or upstream.content_length is None:
             return _Relay(upstream, on_done)

@@ -273,6 +273,18 @@ class Router:
         if r.in_flight == 0:
             self._notify()
 
+    def unreachable(self, lease: Lease) -> None:
+        """The replica's engine refused a connection: route around it now. Its pool's next
+        snapshot says whether it serves (adopted again) or not (its pool is down, or it is
+        gone)."""
+        m, r = lease.model, lease.replica
+        if r in m.replicas and r.serving:
+            logger.warning("replica %s of %s on %s refused a connection; routed around",
+                           r.instance.name, m.name, r.pool)
+            m.replicas.remove(r)
+            self.metrics.scale_downs.labels(m.name, "unreachable").inc()
+            self._sync_state(m)
+
     def _maybe_scale(self, m: Model) -> None:
         e = m.entry
         if e.replicas.max <= 1 or time.monotonic() < m.scale_retry_at:
