@@ -9,6 +9,7 @@ own time per request (docs/gateway.md). Errors use OpenAI's shape, as vLLM's own
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -22,6 +23,8 @@ from vllm_pool.gateway.proxy import Proxy, UpstreamError
 from vllm_pool.gateway.router import GatewayError, Model, Router, UnknownModel
 
 _STARTED = int(time.time())
+# A whole JSON answer with a request the engine aborted (vLLM's compact JSON).
+_ABORTED = b'"finish_reason":"abort"'
 
 
 def error(status: int, message: str, type_: str) -> JSONResponse:
@@ -113,7 +116,21 @@ class GatewayApp:
                 metrics.requests.labels(m.name, str(status)).inc()
 
             try:
-                return await self.proxy.forward(scope, body, m.instance.url, done)
+                resp = await self._forward(scope, body, m, done)
+                if resp is None:
+                    done(502)
+                    return error(502, f"the pool {m.replica.pool} of the instance at "
+                                 f"{m.instance.url} went away mid-request (model `{m.name}`)",
+                                 "BadGatewayError")
+                whole = getattr(resp, "body", None)  # not a stream
+                if whole is not None and (resp.status_code >= 500 or _ABORTED in whole[:1 << 16]) \
+                        and hasattr(router, "lost") and await router.lost(m):
+                    # vLLM answers what it had (or 500: engine dead) when its engine is
+                    # stopped under it, as when its pool's node goes: not the answer asked for.
+                    return error(502, f"the instance at {m.instance.url} stopped mid-request: "
+                                 f"its pool {m.replica.pool} does not answer (model "
+                                 f"`{m.name}`); the answer was cut short", "BadGatewayError")
+                return resp
             except UpstreamError as e:
                 if not e.sent and attempt == 0 and hasattr(router, "unreachable"):
                     # Refused: nothing reached that engine (its pool may be gone before
@@ -125,6 +142,27 @@ class GatewayApp:
                 pool = getattr(getattr(m, "replica", None), "pool", None)
                 where = f" (model `{m.name}`" + (f", pool {pool})" if pool else ")")
                 return error(502, str(e) + where, "BadGatewayError")
+
+    async def _forward(self, scope: dict, body: bytes, lease, done) -> Response | None:
+        """proxy.forward, cut short (None) if the replica is lost before the answer comes:
+        an engine whose pool's node went away may never answer."""
+        signal = getattr(self.router, "lost_signal", None)
+        if signal is None:
+            return await self.proxy.forward(scope, body, lease.instance.url, done)
+        lost = signal(lease)
+        fwd = asyncio.ensure_future(self.proxy.forward(scope, body, lease.instance.url, done,
+                                                       lost))
+        try:
+            await asyncio.wait((fwd, lost), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            fwd.cancel()
+            raise
+        if fwd.done():
+            return fwd.result()
+        fwd.cancel()
+        with contextlib.suppress(BaseException):
+            await fwd
+        return None
 
     def _build_api(self) -> FastAPI:
         router, metrics, proxy = self.router, self.metrics, self.proxy

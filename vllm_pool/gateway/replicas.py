@@ -29,6 +29,7 @@ class Replica:
     in_flight: int = 0
     since: float = field(default_factory=time.monotonic)   # serving since
     last_used: float = field(default_factory=time.monotonic)
+    lost: Any = None          # the router's asyncio.Future, done when the replica is lost
 
     @property
     def key(self) -> tuple[str, str]:

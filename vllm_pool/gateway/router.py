@@ -282,8 +282,18 @@ class Router:
             logger.warning("replica %s of %s on %s refused a connection; routed around",
                            r.instance.name, m.name, r.pool)
             m.replicas.remove(r)
+            self._signal_lost(r)
             self.metrics.scale_downs.labels(m.name, "unreachable").inc()
             self._sync_state(m)
+
+    async def lost(self, lease: Lease) -> bool:
+        """Whether the lease's replica is lost (asks its pool now: an engine that answered
+        with an aborted request may have been stopped with its pool)."""
+        member = self.pools.get(lease.replica.pool)
+        if member is not None:
+            await asyncio.to_thread(member.view.refresh)
+        self._prune(lease.model)
+        return lease.replica not in lease.model.replicas
 
     def _maybe_scale(self, m: Model) -> None:
         e = m.entry
@@ -318,8 +328,23 @@ class Router:
             logger.warning("replica %s of %s on %s is out (%s); routed around", r.instance.name,
                            m.name, r.pool, why)
             m.replicas.remove(r)
+            self._signal_lost(r)
             self.metrics.scale_downs.labels(m.name, why).inc()
             self._sync_state(m)
+
+    def lost_signal(self, lease: Lease) -> asyncio.Future:
+        """Done when the lease's replica is lost (its pool down, its engine gone): the
+        requests in flight on it are then answered 502 rather than left hanging."""
+        r = lease.replica
+        if r.lost is None:
+            r.lost = asyncio.get_running_loop().create_future()
+            if r not in lease.model.replicas:
+                r.lost.set_result(None)
+        return r.lost
+
+    def _signal_lost(self, r: Replica) -> None:
+        if r.lost is not None and not r.lost.done():
+            r.lost.set_result(None)
 
     def _adopt(self, m: Model) -> None:
         """Take as replicas the serving instances named like the entry on every pool that
