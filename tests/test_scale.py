@@ -1,11 +1,12 @@
 """Scale-out end to end: two real pools of one CPU slot each (on their own cores; they stand
 in for two nodes), the standalone gateway in front of both, real vLLM engines, real HTTP.
 
-One flow, to keep CI's time small (two attaches, one pool restart): a load on a model with
+One flow, to keep CI's time small (two pools, two attaches): a load on a model with
 `replicas: {max: 2}` brings up a replica on each pool, every answer has plain vLLM's greedy
 tokens; kill -9 of one pool's daemon: the request in flight there gets a clear 502, the
-others are served by the other pool; the pool restarted: nothing attached twice; idle, the
-replicas go after `ttl`. The router's policy in detail is tests/test_gateway_router.py.
+others are served by the other pool; idle, the replica goes after `ttl`. The router's policy
+in detail (a pool that answers again: adopted, nothing attached twice; parked: woken on its
+own pool; the grouped queue) is tests/test_gateway_router.py, over in-memory pools.
 """
 
 from __future__ import annotations
@@ -83,9 +84,9 @@ class _clients:
             t.join()
 
 
-def _pool(logs: str, core: int, port: int | None = None) -> helpers.Daemon:
+def _pool(logs: str, core: int) -> helpers.Daemon:
     return helpers.Daemon(1, os.path.join(logs, f"scale-pool-{core}"),
-                          ["--cpu-cores", str(core)], port=port)
+                          ["--cpu-cores", str(core)])
 
 
 def test_replicas_on_two_pools_pool_loss_and_ttl(model_a, reference, logs, tmp_path):
@@ -151,30 +152,20 @@ def test_replicas_on_two_pools_pool_loss_and_ttl(model_a, reference, logs, tmp_p
         _wait(lambda: not [p for p in tree if os.path.exists(f"/proc/{p}")], 60,
               "the killed pool's processes gone")
 
-        # Routed to the other pool, none lost, also while the pool restarts on its port;
-        # restarted, it runs nothing, and nothing is attached twice.
+        # Routed to the other pool; none lost.
         with _clients(url, 1, ref) as trickle:
-            _wait(lambda: trickle.answers or trickle.errors, 60, "an answer after the loss")
+            _wait(lambda: len(trickle.answers) > 1 or trickle.errors, 60, "answers after")
             _wait(lambda: _metric(url, "vllm_pool_gateway_pool_up", pool=victim.url) == 0,
                   60, "the killed pool seen down")
             assert serving_pools() == [pools[0].url]
             assert _metric(url, "vllm_pool_gateway_scale_downs_total", model="s",
                            reason="pool_down") == 1
-            victim.log.close()
-            pools[1] = victim = _pool(logs, 1, port=victim.port)
-            victim.wait_ready()
-            _wait(lambda: _metric(url, "vllm_pool_gateway_pool_up", pool=victim.url) == 1,
-                  60, "the restarted pool seen up")
-            n = len(trickle.answers)
-            _wait(lambda: len(trickle.answers) > n + 1 or trickle.errors, 60, "answers after")
         assert trickle.answers and not trickle.errors, trickle.errors[:3]
-        assert [i["name"] for i in pools[0].instances()] == ["s"]
-        assert victim.instances() == []
         assert _metric(url, "vllm_pool_gateway_attaches_total", model="s", outcome="ok") == 2
 
         # Idle: the replica goes after ttl (min 0: scale to zero).
         _wait(lambda: card()["state"] == "cold", TTL_S + 60, "scale to zero after ttl")
-        assert pools[0].instances() == [] and victim.instances() == []
+        assert pools[0].instances() == []
         assert _metric(url, "vllm_pool_gateway_scale_downs_total", model="s",
                        reason="ttl") == 1
     finally:
