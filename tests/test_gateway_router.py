@@ -293,3 +293,29 @@ def test_grouped_queue_cuts_swaps_without_starving(grouped):
         assert per_request < 0.25, (served, swaps)
     else:
         assert per_request > 0.5, (served, swaps)
+
+
+def test_lost_signal_when_pool_goes_down_and_refused_replica_routed_around():
+    a, b = FakePool("http://a", ["cpu:0"]), FakePool("http://b", ["cpu:0"])
+
+    async def main():
+        r = _router([a, b], "models:\n  - name: m\n    model: /m\n"
+                            "    replicas: {min: 2, max: 2}\n")
+        await r.start()
+        try:
+            m = r.models["m"]
+            await _until(lambda: len(m.live) == 2)
+            x = await r.acquire("m")
+            lost = r.lost_signal(x)
+            assert not lost.done()
+            (a if x.replica.pool == "http://a" else b).down = True
+            await asyncio.wait_for(lost, 5)  # the request in flight there is cut (502)
+            r.release(x)
+            y = await r.acquire("m")
+            r.unreachable(y)  # refused: out at once, before any refresh
+            assert y.replica not in m.replicas and r.lost_signal(y).done()
+            r.release(y)
+        finally:
+            await r.stop()
+
+    asyncio.run(main())

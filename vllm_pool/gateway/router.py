@@ -642,8 +642,8 @@ class Router:
 
     async def _evict(self, m: Model, r: Replica, reason: str) -> None:
         member = self.pools.get(r.pool)
-        if not r.serving or member is None:
-            return
+        if not r.serving or member is None or r.in_flight:
+            return  # a request came in since it was picked (the reaper's task runs later)
         r.state = ReplicaState.EVICTING
         # The model's last instance parks where the pool parks; a replica more is detached.
         park = member.view.parking and not any(x.serving for x in m.replicas)
