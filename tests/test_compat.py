@@ -157,3 +157,32 @@ def test_amx_permission_granted_in_a_child():
                          check=True).stdout.split()
     ok, permitted, supported = (w == "True" for w in out)
     assert ok == supported and permitted == supported, out
+
+
+def test_startup_plan_fingerprint_counts_the_memory_share():
+    """vLLM's startup-plan fingerprint ignores --gpu-memory-utilization (CacheConfig's hash
+    leaves it out): the pool's key must not, or a plan recorded at 0.4 sizes an attach at
+    0.3. In a child process: the patch changes a vLLM module global."""
+    import subprocess
+    import sys
+
+    code = """
+import types
+from vllm_pool import compat
+from vllm.v1.worker import startup_plan as sp
+def cfg(u, kv=None):
+    return types.SimpleNamespace(compute_hash=lambda: "same-config", cache_config=
+        types.SimpleNamespace(gpu_memory_utilization=u, kv_cache_memory_bytes=kv))
+plain = sp.compute_plan_fingerprint
+assert plain(cfg(0.3), 0, 1) == plain(cfg(0.4), 0, 1)  # vLLM's own key: the gap
+assert compat.key_startup_plan_by_memory_share() and compat.key_startup_plan_by_memory_share()
+fp = sp.compute_plan_fingerprint
+assert fp.__wrapped__ is plain  # wrapped once, however often called
+assert fp(cfg(0.3), 0, 1) != fp(cfg(0.4), 0, 1)
+assert fp(cfg(0.3), 0, 1) == fp(cfg(0.3), 0, 1)
+assert fp(cfg(0.3), 0, 1) != fp(cfg(0.3, 2**30), 0, 1)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -121,6 +121,7 @@ REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
     # factors the pool keeps equal to plain vLLM's (cpu_worker_spawn_env).
     ("vllm.v1.worker.startup_plan", "maybe_apply_startup_plan"),
     ("vllm.v1.worker.startup_plan", "maybe_save_startup_plan"),
+    ("vllm.v1.worker.startup_plan", "compute_plan_fingerprint"),  # wrapped: see below
     ("vllm.envs", "compile_factors"),
     # CLI route (plugin.py) and the arguments the pool checks.
     ("vllm.entrypoints.cli.main", "main"),
@@ -955,10 +956,47 @@ def engine_env_defaults() -> dict[str, str]:
     0.26 and later). It keys the profiled KV-cache size on the vLLM version, the
     config hash (model, dtype, cache, parallel and compile settings), device name, total
     memory and capability, torch and CUDA versions, rank and world size, and applies it only
-    if the device has at least as much free memory as when it was measured. A changed
-    input therefore never reuses a stale figure. Its files live under VLLM_CACHE_ROOT.
+    if the device has at least as much free memory as when it was measured. The config
+    hash leaves out the memory share: the pool workers add it
+    (`key_startup_plan_by_memory_share`). Its files live under VLLM_CACHE_ROOT.
     """
     return {"VLLM_ENABLE_STARTUP_PLAN": "1"}
+
+
+# Factors of the KV-cache size that vLLM's startup-plan fingerprint leaves out: it hashes
+# VllmConfig.compute_hash(), and CacheConfig.compute_hash() ignores both (they do not
+# change the compiled graph). A plan recorded at one --gpu-memory-utilization would be
+# applied at another (H200, vLLM 0.26: an attach at 0.3 reserved the 55.72 GiB of KV
+# cache recorded at 0.4, and packing found no room for the third 0.3 share).
+STARTUP_PLAN_EXTRA_FACTORS = ("gpu_memory_utilization", "kv_cache_memory_bytes")
+
+
+def key_startup_plan_by_memory_share() -> bool:
+    """Add STARTUP_PLAN_EXTRA_FACTORS to vLLM's startup-plan fingerprint, in this process
+    (the pool worker, where vLLM's Worker looks its plan up). Idempotent; False when this
+    vLLM has no startup plan (before 0.26)."""
+    try:
+        from vllm.v1.worker import startup_plan
+    except ImportError:
+        return False
+    orig = getattr(startup_plan, "compute_plan_fingerprint", None)
+    if orig is None:
+        return False
+    if getattr(orig, "_vllm_pool_keyed", False):
+        return True
+
+    @functools.wraps(orig)
+    def fingerprint(vllm_config: Any, rank: int, world_size: int) -> str:
+        import hashlib
+
+        cache = vllm_config.cache_config
+        extra = {k: getattr(cache, k, None) for k in STARTUP_PLAN_EXTRA_FACTORS}
+        base = orig(vllm_config, rank, world_size)
+        return hashlib.sha256(f"{base}|{sorted(extra.items())!r}".encode()).hexdigest()[:16]
+
+    fingerprint._vllm_pool_keyed = True  # type: ignore[attr-defined]
+    startup_plan.compute_plan_fingerprint = fingerprint
+    return True
 
 
 def fork_registry_inspection() -> None:

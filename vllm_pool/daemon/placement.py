@@ -33,10 +33,14 @@ def _release(pool: Pool, devices: list[str]) -> None:
 def place(pool: Pool, util: float, n: int, wanted: list[str] | None) -> list[str]:
     """Choose the GPUs (packing.choose, rank order) and hold their locks (the caller
     releases them after the attach); the choice is checked again with the locks held:
-    another attach may have started there meanwhile. 409 when nothing fits."""
+    another attach may have started there meanwhile. 409 when nothing fits; [] when the
+    pool does not pack (no reading for some device: one model per device)."""
     margin = pool.cfg.pack_margin_mib
+    now = rooms(pool)
+    if not now:
+        return []
     try:
-        chosen = packing.choose(rooms(pool), util, n, margin, wanted)
+        chosen = packing.choose(now, util, n, margin, wanted)
     except packing.NoRoom as e:
         raise AttachError(str(e), 409) from None
     for d in sorted(chosen):

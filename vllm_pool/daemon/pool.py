@@ -250,7 +250,7 @@ class Pool:
             return park_wake.wake(self, parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
-        held = placement.place(self, util, n, devices) if placement.rooms(self) else []
+        held = placement.place(self, util, n, devices)
         try:
             return self._attach_on(held, util, model, tp, pp, name, port, devices, args, env,
                                    timeout, on_start, settings, iid, t0)
