@@ -72,3 +72,13 @@ def test_pinned_devices_must_each_fit():
         packing.choose(rooms, 0.3, 2, 1024, ["cuda:1", "cuda:0"])
     with pytest.raises(NoRoom, match="no memory reading"):
         packing.choose(rooms, 0.3, 1, 1024, ["cuda:7"])
+
+
+def test_a_wake_needs_its_share_less_what_it_holds_asleep():
+    total = 140 * 1024 * MIB
+    held = 600 * MIB  # CUDA context and what sleep keeps
+    need = packing.needed_mib(0.3, total) - 600
+    at_edge = packing.Room("cuda:0", total, (need + 1024) * MIB)
+    assert packing.wake_fits(at_edge, 0.3, held, 1024)
+    assert not packing.wake_fits(at_edge, 0.3, held - MIB, 1024)
+    assert not packing.wake_fits(at_edge, 0.3, held, 1025)

@@ -108,9 +108,10 @@ class PoolClient:
         for ev in self.events("POST", "/instances?stream=true", body, timeout):
             yield attach_event.validate_python(ev)
 
-    def wake(self, ref: str, timeout_s: float) -> InstanceInfo:
+    def wake(self, ref: str, timeout_s: float, evict: bool = True) -> InstanceInfo:
+        query = f"timeout_s={timeout_s}" + ("" if evict else "&evict=false")
         return InstanceInfo.model_validate(self.request(
-            "POST", f"/instances/{_q(ref)}/wake?timeout_s={timeout_s}", timeout=timeout_s + 60))
+            "POST", f"/instances/{_q(ref)}/wake?{query}", timeout=timeout_s + 60))
 
     def detach(self, ref: str, park: bool | None = None, timeout: float = 600.0) -> InstanceInfo:
         query = "" if park is None else f"?park={str(park).lower()}"

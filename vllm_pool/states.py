@@ -77,7 +77,8 @@ TRANSITIONS: dict[type, dict[enum.Enum, frozenset]] = {
             _I.SERVING: {_I.PARKING, _I.DETACHING, _I.FAILED},
             _I.PARKING: {_I.PARKED, _I.SERVING, _I.FAILED},
             _I.PARKED: {_I.WAKING, _I.DETACHING, _I.FAILED},
-            _I.WAKING: {_I.SERVING, _I.DETACHING, _I.FAILED},
+            # Back to PARKED: a wake that may not evict found no room (409).
+            _I.WAKING: {_I.SERVING, _I.PARKED, _I.DETACHING, _I.FAILED},
             _I.DETACHING: {_I.DETACHED, _I.FAILED},
             _I.FAILED: {_I.DETACHING},
             _I.DETACHED: set(),

@@ -203,14 +203,19 @@ def build_app(pool: Pool) -> FastAPI:
 
     @app.post("/instances/{ref}/wake", response_model=InstanceInfo,
               responses={404: {"description": "no such instance"},
-                         409: {"description": "the instance is not parked"}})
-    async def wake(ref: str, timeout_s: float = Query(900.0, gt=0, le=7200)) -> InstanceInfo:
+                         409: {"description": "the instance is not parked, or (evict=false) "
+                                              "its share does not fit beside what serves"}})
+    async def wake(ref: str, timeout_s: float = Query(900.0, gt=0, le=7200),
+                   evict: bool = Query(True, description=(
+                       "make room by evicting what serves on its devices (a packed "
+                       "instance: least recently used first, until its share fits); "
+                       "false: evict nothing, 409 when it does not fit"))) -> InstanceInfo:
         """Wake a parked instance as it is (an attach with its settings does the same)."""
         inst = pool.find(ref)
         if inst is None:
             raise HTTPException(404, f"no instance {ref!r}")
         try:
-            inst = await run_in_threadpool(pool.wake, inst, timeout_s)
+            inst = await run_in_threadpool(pool.wake, inst, timeout_s, evict)
         except AttachError as e:
             raise HTTPException(e.status, str(e)) from None
         return instance_info(pool, inst)

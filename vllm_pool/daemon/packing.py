@@ -59,6 +59,14 @@ def left_mib(room: Room, utilization: float, margin_mib: int) -> int:
     return room.free_bytes // MIB - margin_mib - needed_mib(utilization, room.total_bytes)
 
 
+def wake_fits(room: Room, utilization: float, held_bytes: int, margin_mib: int) -> bool:
+    """Whether a parked instance packed with `utilization` can wake on the device as read
+    now. Asleep it holds `held_bytes` there (its workers' own figure: CUDA contexts and
+    what sleep keeps); awake it holds its share again, as vLLM sized its KV cache to it."""
+    want = needed_mib(utilization, room.total_bytes) - held_bytes // MIB
+    return room.free_bytes // MIB - margin_mib >= want
+
+
 def _index(device: str) -> tuple[int, str]:
     tail = device.rsplit(":", 1)[-1]
     return (int(tail), device) if tail.isdigit() else (1 << 30, device)

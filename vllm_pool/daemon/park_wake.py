@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Protocol
 
 from vllm_pool.daemon import parking
 from vllm_pool.daemon.errors import AttachError
@@ -24,6 +25,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm_pool.daemon")
 _I, _W = InstanceState, WorkerState
+
+
+class Room(Protocol):
+    """Where a packed instance wakes (placement.WakeRoom)."""
+
+    def held(self) -> AbstractContextManager: ...
+
+    def fits(self) -> bool: ...
 
 
 def park(pool: Pool, ref: str) -> Instance:
@@ -62,8 +71,12 @@ def park(pool: Pool, ref: str) -> Instance:
     return inst
 
 
-def wake(pool: Pool, inst: Instance, timeout: float = 900.0) -> Instance:
-    """Wake a parked instance for a re-attach; make room on its devices first."""
+def wake(pool: Pool, inst: Instance, timeout: float = 900.0,
+         room: Room | None = None, evict: bool = True) -> Instance:
+    """Wake a parked instance for a re-attach; make room on its devices first: everything
+    that serves there, or, for a packed instance (`room`), the least recently used of
+    them until its share fits. A packed wake without `evict` evicts nothing: 409 when its
+    share does not fit (the gateway then evicts by its own rule, which sees requests)."""
     t0 = time.perf_counter()
     with pool.lock:
         if inst.state == _I.WAKING:
@@ -73,14 +86,33 @@ def wake(pool: Pool, inst: Instance, timeout: float = 900.0) -> Instance:
             transition(inst, _I.WAKING)
         else:
             raise AttachError(f"instance {inst.name} is {inst.state.value}", 409)
-        occupants = [i for i in pool.instances.values() if i is not inst
-                     and i.state == _I.SERVING and set(i.devices) & set(inst.devices)]
     if waiting:  # another request is waking it: answer with its outcome
         inst.wait_for(lambda i: i.state != _I.WAKING, timeout)
+        if inst.state == _I.PARKED:
+            raise AttachError(f"no room to wake {inst.name} on {inst.devices}", 409)
         if inst.state != _I.SERVING:
             raise AttachError(f"wake of {inst.name} failed: {inst.error}", 500)
         return inst
-    for occ in occupants:
+    with room.held() if room is not None else nullcontext():
+        return _wake_held(pool, inst, timeout, room, evict, t0)
+
+
+def _wake_held(pool: Pool, inst: Instance, timeout: float, room: Room | None, evict: bool,
+               t0: float) -> Instance:
+    with pool.lock:
+        occupants = sorted((i for i in pool.instances.values() if i is not inst
+                            and i.state == _I.SERVING and set(i.devices) & set(inst.devices)),
+                           key=lambda i: i.last_used)
+    if room is not None and not evict and occupants and not room.fits():
+        with pool.lock:
+            transition(inst, _I.PARKED, [_I.WAKING])
+        raise AttachError(f"no room to wake {inst.name} on {inst.devices} beside "
+                          f"{[i.name for i in occupants]} (evict=false)", 409)
+    for k, occ in enumerate(occupants):
+        if room is not None and room.fits():
+            logger.info("waking %s beside %d serving instances: its share fits", inst.name,
+                        len(occupants) - k)
+            break
         _evict(pool, occ, inst)
     t_evicted = time.perf_counter()
     try:

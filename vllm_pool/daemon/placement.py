@@ -3,12 +3,15 @@ choose, and hold the chosen GPUs' locks for the attach."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from vllm_pool.daemon import packing, park_wake
 from vllm_pool.daemon.errors import AttachError
 
 if TYPE_CHECKING:
+    from vllm_pool.daemon.instance import Instance
     from vllm_pool.daemon.pool import Pool
 
 
@@ -56,3 +59,33 @@ def place(pool: Pool, util: float, n: int, wanted: list[str] | None) -> list[str
         _release(pool, chosen)
         raise
     return chosen
+
+
+class WakeRoom:
+    """A packed instance's wake (park_wake.wake): its GPUs' locks, held through the
+    evictions and the wake so that no attach takes the room meanwhile, and whether its
+    share fits now beside what serves there, so that only what must go is evicted."""
+
+    def __init__(self, pool: Pool, inst: Instance):
+        self.pool, self.inst = pool, inst
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        devices = sorted(set(self.inst.devices))
+        for d in devices:
+            self.pool.device_locks[d].acquire()
+        try:
+            yield
+        finally:
+            _release(self.pool, devices)
+
+    def fits(self) -> bool:
+        util = self.inst.gpu_memory_utilization
+        by_dev = {r.device: r for r in rooms(self.pool)}
+        if util is None or not by_dev:
+            return False
+        workers = [self.pool.workers[s] for s in self.inst.slots if s in self.pool.workers]
+        return all(packing.wake_fits(by_dev[d], util,
+                                     sum(w.memory_now()[0] for w in workers if w.device == d),
+                                     self.pool.cfg.pack_margin_mib)
+                   for d in set(self.inst.devices))

@@ -247,7 +247,7 @@ class Pool:
             # Re-attach of a parked model with the same settings: wake it, don't build it.
             if on_start is not None:
                 on_start(parked)
-            return park_wake.wake(self, parked, timeout)
+            return self.wake(parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
         held = placement.place(self, util, n, devices)
@@ -500,8 +500,10 @@ class Pool:
     def park(self, ref: str) -> Instance:
         return park_wake.park(self, ref)
 
-    def wake(self, inst: Instance, timeout: float = 900.0) -> Instance:
-        return park_wake.wake(self, inst, timeout)
+    def wake(self, inst: Instance, timeout: float = 900.0, evict: bool = True) -> Instance:
+        packed = inst.gpu_memory_utilization is not None
+        return park_wake.wake(self, inst, timeout,
+                              placement.WakeRoom(self, inst) if packed else None, evict)
 
     # ---- queries ---------------------------------------------------------------------------
     def find(self, ref: str) -> Instance | None:
