@@ -71,7 +71,7 @@ class FakePool:
         self.attaches.append(name)
         return inst
 
-    def wake(self, inst, entry, timeout):
+    def wake(self, inst, entry, timeout, evict=True):
         inst.state = InstanceState.SERVING
         return inst
 
@@ -91,6 +91,42 @@ class FakePool:
 
     def packs(self):
         return False
+
+
+class PackingFakePool(FakePool):
+    """A pool that packs by memory: `shares` models of 0.3 serve at once on its one GPU;
+    a wake with evict=False is refused with the pool's 409 when its share does not fit."""
+
+    parking = True
+
+    def __init__(self, key: str, shares: int):
+        super().__init__(key, ["cuda:0"])
+        self.shares = shares
+        self.wakes: list[bool] = []  # evict, per call
+
+    def _full(self) -> bool:
+        return sum(i.state == InstanceState.SERVING for i in self.instances.values()) \
+            >= self.shares
+
+    def attach(self, entry, devices, timeout, name=None):
+        if self._full():
+            raise AttachError("no room: needs 43132 MiB", 409)
+        inst = types.SimpleNamespace(id=f"i{next(_ids)}", name=name or entry.name,
+                                     state=InstanceState.SERVING, url="http://x",
+                                     devices=["cuda:0"], phases={}, phase=None,
+                                     model=entry.model, gpu_memory_utilization=0.3)
+        self.instances[inst.id] = inst
+        self.attaches.append(inst.name)
+        return inst
+
+    def wake(self, inst, entry, timeout, evict=True):
+        self.wakes.append(evict)
+        if not evict and self._full():
+            raise AttachError(f"no room to wake {inst.name} on ['cuda:0']", 409)
+        return super().wake(inst, entry, timeout)
+
+    def packs(self):
+        return True
 
 
 def _router(pools: list[FakePool], models_yaml: str, **kw) -> Router:
@@ -314,6 +350,35 @@ def test_lost_signal_when_pool_goes_down_and_refused_replica_routed_around():
             y = await r.acquire("m")
             r.unreachable(y)  # refused: out at once, before any refresh
             assert y.replica not in m.replicas and r.lost_signal(y).done()
+            r.release(y)
+        finally:
+            await r.stop()
+
+    asyncio.run(main())
+
+
+def test_packed_wake_evicts_only_the_lru_replica_it_needs():
+    """On a packing pool with room for two shares, a and b serve and c is parked. c's wake
+    asks the pool not to evict; on its 409 the gateway evicts the least recently used
+    idle model (a) and wakes c beside b, which keeps serving."""
+    p = PackingFakePool("http://p", shares=2)
+    yaml = "".join(f"  - name: {n}\n    model: /{n}\n" for n in "abc")
+
+    async def main():
+        r = _router([p], "models:\n" + yaml, policy=GroupPolicy(linger_s=0.0))
+        await r.start()
+        try:
+            for n in "cab":  # c first, then parked by hand: a model parked before
+                x = await r.acquire(n)
+                r.release(x)
+                if n == "c":
+                    r.evict(p, x.replica.instance, park=True)
+                    await _until(lambda: not r.models["c"].live)
+            y = await r.acquire("c")
+            states = {i.name: i.state for i in p.instances.values()}
+            assert states == {"a": InstanceState.PARKED, "b": InstanceState.SERVING,
+                              "c": InstanceState.SERVING}, states
+            assert p.wakes == [False, False] and p.attaches == ["c", "a", "b"]
             r.release(y)
         finally:
             await r.stop()

@@ -48,7 +48,8 @@ class PoolView(Protocol):
     def serving(self, inst: ViewInstance) -> bool: ...
     def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float,
                name: str | None = None) -> ViewInstance: ...
-    def wake(self, inst: ViewInstance, entry: ModelEntry, timeout: float) -> ViewInstance: ...
+    def wake(self, inst: ViewInstance, entry: ModelEntry, timeout: float,
+             evict: bool = True) -> ViewInstance: ...
     def detach(self, instance_id: str, park: bool) -> None: ...
     def workers(self) -> tuple[dict[int, str], set[int]]: ...
     def packs(self) -> bool: ...
@@ -93,8 +94,8 @@ class LocalPool:
         b["timeout"] = b.pop("timeout_s")
         return self.pool.attach(**b)
 
-    def wake(self, inst, entry: ModelEntry, timeout: float):
-        return self.pool.wake(inst, timeout)
+    def wake(self, inst, entry: ModelEntry, timeout: float, evict: bool = True):
+        return self.pool.wake(inst, timeout, evict)
 
     def detach(self, instance_id: str, park: bool) -> None:
         self.pool.detach(instance_id, park=park)
@@ -216,8 +217,8 @@ class RemotePool:
         self.refresh()  # the workers it took
         return inst
 
-    def wake(self, inst: InstanceInfo, entry: ModelEntry, timeout: float):
-        woken = self._put(self._call(self.client.wake, inst.id, timeout))
+    def wake(self, inst: InstanceInfo, entry: ModelEntry, timeout: float, evict: bool = True):
+        woken = self._put(self._call(self.client.wake, inst.id, timeout, evict))
         self.refresh()
         return woken
 

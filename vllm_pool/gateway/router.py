@@ -597,20 +597,34 @@ class Router:
 
     # ---- wake and evict ------------------------------------------------------------------
     async def _wake(self, m: Model, member: PoolMember, inst, reason: str) -> bool:
-        """Wake the model's parked instance on its own pool. Serving replicas on its devices
-        are evicted first by the gateway's own rule (never one with requests in flight or
-        waiting); returns False to look again later."""
-        occupants = [(v, r) for v in self.models.values() if v is not m for r in v.live
-                     if r.pool == member.key and set(r.instance.devices) & set(inst.devices)]
-        if any(r.in_flight or v.waiting for v, r in occupants):
-            await self._wait_change(1.0)
-            return False
-        for v, r in occupants:
-            await self._evict(v, r, "wake")
+        """Wake the model's parked instance on its own pool; returns False to look again
+        later. Room is made by the gateway's own rule (never a replica with requests in
+        flight or waiting): an instance packed with a share asks the pool to wake it
+        without evicting and, on 409 for room, evicts the least recently used replica on
+        its devices, one at a time; otherwise every replica on its devices goes first."""
+        packed = member.view.packs() and inst.gpu_memory_utilization is not None
+        if not packed:
+            occupants = [(v, r) for v in self.models.values() if v is not m for r in v.live
+                         if r.pool == member.key
+                         and set(r.instance.devices) & set(inst.devices)]
+            if any(r.in_flight or v.waiting for v, r in occupants):
+                await self._wait_change(1.0)
+                return False
+            for v, r in occupants:
+                await self._evict(v, r, "wake")
         m.pending = (member.key, inst.name)
         try:
-            inst = await asyncio.to_thread(member.view.wake, inst, m.entry, self.attach_timeout)
+            inst = await asyncio.to_thread(member.view.wake, inst, m.entry, self.attach_timeout,
+                                           not packed)
         except AttachError as e:
+            if e.status == 409 and packed and "no room to wake" in str(e):
+                victims = [(v, r) for v, r in self._victims(m, member, reason == "cold")
+                           if set(r.instance.devices) & set(inst.devices)]
+                if victims:
+                    await self._evict(*victims[0], "wake")
+                else:
+                    await self._wait_change(1.0)
+                return False
             if e.status == 409:  # parked or woken elsewhere meanwhile
                 await self._wait_change(0.25)
                 return False
