@@ -4,7 +4,8 @@ in for two nodes), the standalone gateway in front of both, real vLLM engines, r
 One flow, to keep CI's time small (two pools, two attaches): a load on a model with
 `replicas: {max: 2}` brings up a replica on each pool, every answer has plain vLLM's greedy
 tokens; kill -9 of one pool's daemon: the request in flight there gets a clear 502, the
-others are served by the other pool; idle, the replica goes after `ttl`. The router's policy
+others are served by the other pool; the killed pool restarted: seen up, nothing attached
+twice; idle, the replica goes after `ttl`. The router's policy
 in detail (a pool that answers again: adopted, nothing attached twice; parked: woken on its
 own pool; the grouped queue) is tests/test_gateway_router.py, over in-memory pools.
 """
@@ -84,9 +85,9 @@ class _clients:
             t.join()
 
 
-def _pool(logs: str, core: int) -> helpers.Daemon:
-    return helpers.Daemon(1, os.path.join(logs, f"scale-pool-{core}"),
-                          ["--cpu-cores", str(core)])
+def _pool(logs: str, core: int, port: int | None = None, tag: str = "") -> helpers.Daemon:
+    return helpers.Daemon(1, os.path.join(logs, f"scale-pool-{core}{tag}"),
+                          ["--cpu-cores", str(core)], port=port)
 
 
 def test_replicas_on_two_pools_pool_loss_and_ttl(model_a, reference, logs, tmp_path):
@@ -161,6 +162,19 @@ def test_replicas_on_two_pools_pool_loss_and_ttl(model_a, reference, logs, tmp_p
             assert _metric(url, "vllm_pool_gateway_scale_downs_total", model="s",
                            reason="pool_down") == 1
         assert trickle.answers and not trickle.errors, trickle.errors[:3]
+        assert _metric(url, "vllm_pool_gateway_attaches_total", model="s", outcome="ok") == 2
+
+        # The killed pool restarted on its port, under load: seen up again, and nothing
+        # attached twice (one replica still, on the other pool; the new pool runs nothing).
+        with _clients(url, 1, ref) as trickle:
+            pools[1] = victim = _pool(logs, 1, port=victim.port, tag="-restarted")
+            victim.wait_ready()
+            _wait(lambda: _metric(url, "vllm_pool_gateway_pool_up", pool=victim.url) == 1,
+                  60, "the restarted pool seen up")
+            n = len(trickle.answers)
+            _wait(lambda: len(trickle.answers) > n + 1 or trickle.errors, 60, "answers after")
+            assert serving_pools() == [pools[0].url] and victim.instances() == []
+        assert not trickle.errors, trickle.errors[:3]
         assert _metric(url, "vllm_pool_gateway_attaches_total", model="s", outcome="ok") == 2
 
         # Idle: the replica goes after ttl (min 0: scale to zero).
