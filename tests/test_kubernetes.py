@@ -29,7 +29,14 @@ K8S_VERSION = "1.33.0"  # the schemas the manifests are checked against
 DEPLOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "deploy", "kubernetes")
 FILES = sorted(glob.glob(os.path.join(DEPLOY, "*.yaml")))
-DOCS = [(os.path.basename(f), d) for f in FILES for d in yaml.safe_load_all(open(f)) if d]
+
+
+def _load(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+DOCS = [(os.path.basename(f), d) for f in FILES for d in _load(f)]
 
 
 def _one(kind: str, component: str | None = None) -> dict:
@@ -277,7 +284,8 @@ def test_network_policy_admits_only_the_gateway():
                     ds["spec"]["template"]["metadata"]["labels"])
     (rule,) = np_["spec"]["ingress"]
     (src,) = rule["from"]
-    assert _selects(src["podSelector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
+    assert _selects(src["podSelector"]["matchLabels"],
+                    dep["spec"]["template"]["metadata"]["labels"])
     assert not _selects(src["podSelector"]["matchLabels"],
                         ds["spec"]["template"]["metadata"]["labels"])
 
