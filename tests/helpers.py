@@ -76,8 +76,9 @@ def stop(proc: subprocess.Popen, timeout: float = 60) -> int:
 
 
 class Daemon:
-    def __init__(self, slots: int, log_dir: str, extra: list[str] | None = None):
-        self.port = free_port()
+    def __init__(self, slots: int, log_dir: str, extra: list[str] | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_dir = log_dir
         os.makedirs(log_dir, exist_ok=True)

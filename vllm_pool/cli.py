@@ -56,7 +56,15 @@ def build_parser(prog: str = "vllm-pool") -> argparse.ArgumentParser:
     gw = sub.add_parser("gateway", help="the gateway in a process of its own, in front of a "
                                         "running pool: it can be restarted while the models "
                                         "it attached keep serving")
-    _pool_arg(gw)
+    gw.add_argument("--pool", action="append", default=None, metavar="URL",
+                    help="a pool's control API URL; repeatable: one gateway in front of "
+                         f"several pools (default ${POOL_URL_ENV} or {DEFAULT_POOL}, unless "
+                         "--pools-file or --pools-dns)")
+    gw.add_argument("--pools-file", default=None, metavar="FILE",
+                    help="more pools: one URL a line, re-read when it changes")
+    gw.add_argument("--pools-dns", default=None, metavar="NAME:PORT",
+                    help="more pools: every A record of NAME is a pool at http://ADDR:PORT, "
+                         "re-resolved every few seconds (a Kubernetes headless Service)")
     add_gateway_args(gw, models_required=True)
     gw.add_argument("--pool-wait", type=float, default=300.0,
                     help="seconds to wait for the pool to be ready at start")

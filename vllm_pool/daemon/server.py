@@ -54,6 +54,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--gpus", help="GPUs the pool owns: 0-7, 0,1 or all")
     g.add_argument("--cpu-slots", type=int, help="CPU pool: number of workers, one core each")
+    p.add_argument("--cpu-cores", default=None, metavar="LIST",
+                   help="CPU pool: the cores of its slots (e.g. 1 or 2-3), one per slot; "
+                        "default 0..N-1. Two pools on one machine then share no core")
     p.add_argument("--host", default="127.0.0.1", help="control API address (loopback default)")
     p.add_argument("--port", type=int, default=8100, help="control API port")
     p.add_argument("--api-key", default=None,
@@ -139,7 +142,13 @@ def serve(args: argparse.Namespace, companions: Sequence[Companion] = ()) -> int
     else:
         if args.cpu_slots < 1 or args.cpu_slots > (os.cpu_count() or 1):
             raise SystemExit(f"--cpu-slots must be 1..{os.cpu_count()}")
-        devices = [f"cpu:{i}" for i in range(args.cpu_slots)]
+        cores = list(range(args.cpu_slots))
+        if getattr(args, "cpu_cores", None):
+            cores = [int(c) for c in parse_gpus(args.cpu_cores)]
+            if len(cores) != args.cpu_slots or max(cores) >= (os.cpu_count() or 1):
+                raise SystemExit(f"--cpu-cores: {args.cpu_slots} distinct cores below "
+                                 f"{os.cpu_count()} wanted, got {args.cpu_cores!r}")
+        devices = [f"cpu:{i}" for i in cores]
         visible = None
     prepared: list[Companion] = []
     try:

@@ -9,6 +9,7 @@ own time per request (docs/gateway.md). Errors use OpenAI's shape, as vLLM's own
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -19,10 +20,11 @@ from fastapi.responses import JSONResponse, Response
 
 from vllm_pool.gateway.metrics import GatewayMetrics
 from vllm_pool.gateway.proxy import Proxy, UpstreamError
-from vllm_pool.gateway.router import GatewayError, Model, ModelState, Router, UnknownModel
-from vllm_pool.states import InstanceState
+from vllm_pool.gateway.router import GatewayError, Model, Router, UnknownModel
 
 _STARTED = int(time.time())
+# A whole JSON answer with a request the engine aborted (vLLM's compact JSON).
+_ABORTED = b'"finish_reason":"abort"'
 
 
 def error(status: int, message: str, type_: str) -> JSONResponse:
@@ -32,25 +34,18 @@ def error(status: int, message: str, type_: str) -> JSONResponse:
 
 def model_card(m: Model, router: Router) -> dict:
     inst = m.instance
+    e = m.entry
     return {"id": m.name, "object": "model", "created": _STARTED, "owned_by": "vllm-pool",
-            "root": m.entry.model, "parent": None, "aliases": m.entry.aliases,
-            "state": m.state.value, "phase": _attach_phase(m, router),
+            "root": e.model, "parent": None, "aliases": e.aliases,
+            "state": m.state.value, "phase": router.attach_phase(m),
             "instance": inst.id if inst else None,
-            "in_flight": m.in_flight, "waiting": m.waiting, "ttl": m.entry.idle_ttl,
-            "last_error": m.last_error}
-
-
-def _attach_phase(m: Model, router: Router) -> str | None:
-    """An attaching model's phase, as the pool shows its instance (the daemon's Instance,
-    or a remote pool's last snapshot); "wake" while its parked instance wakes."""
-    if m.state != ModelState.ATTACHING:
-        return None
-    inst = router.pool.find(m.name)  # the gateway attaches each model under its name
-    if inst is None:
-        return None
-    if inst.state == InstanceState.WAKING:
-        return "wake"
-    return inst.phase if inst.state == InstanceState.ATTACHING else None
+            "in_flight": m.in_flight, "waiting": m.waiting, "ttl": e.idle_ttl,
+            "last_error": m.last_error,
+            "replicas": [{"pool": r.pool, "instance": r.instance.id, "name": r.instance.name,
+                          "state": r.state.value, "in_flight": r.in_flight,
+                          "devices": list(r.instance.devices)} for r in m.replicas],
+            "min_replicas": e.replicas.min, "max_replicas": e.replicas.max,
+            "target_in_flight": e.target_in_flight}
 
 
 def _header(scope: dict, name: bytes) -> bytes:
@@ -106,23 +101,68 @@ class GatewayApp:
             return error(400, "the request names no `model`; see GET /v1/models",
                          "BadRequestError")
         router = self.router
-        try:
-            m = await router.acquire(name)
-        except GatewayError as e:
-            # Unknown names are not labels: a client must not grow the metric without bound.
-            label = "" if isinstance(e, UnknownModel) else router.resolve(name).name
-            metrics.requests.labels(label, str(e.status)).inc()
-            return error(e.status, e.message, e.type)
+        for attempt in (0, 1):
+            try:
+                m = await router.acquire(name)  # a router.Lease
+            except GatewayError as e:
+                # Unknown names are not labels: a client must not grow the metric without
+                # bound.
+                label = "" if isinstance(e, UnknownModel) else router.resolve(name).name
+                metrics.requests.labels(label, str(e.status)).inc()
+                return error(e.status, e.message, e.type)
 
-        def done(status: int) -> None:
-            router.release(m)
-            metrics.requests.labels(m.name, str(status)).inc()
+            def done(status: int, m=m) -> None:
+                router.release(m)
+                metrics.requests.labels(m.name, str(status)).inc()
 
+            try:
+                resp = await self._forward(scope, body, m, done)
+                if resp is None:
+                    done(502)
+                    return error(502, f"the pool {m.replica.pool} of the instance at "
+                                 f"{m.instance.url} went away mid-request (model `{m.name}`)",
+                                 "BadGatewayError")
+                whole = getattr(resp, "body", None)  # not a stream
+                if whole is not None and (resp.status_code >= 500 or _ABORTED in whole[:1 << 16]) \
+                        and hasattr(router, "lost") and await router.lost(m):
+                    # vLLM answers what it had (or 500: engine dead) when its engine is
+                    # stopped under it, as when its pool's node goes: not the answer asked for.
+                    return error(502, f"the instance at {m.instance.url} stopped mid-request: "
+                                 f"its pool {m.replica.pool} does not answer (model "
+                                 f"`{m.name}`); the answer was cut short", "BadGatewayError")
+                return resp
+            except UpstreamError as e:
+                if not e.sent and attempt == 0 and hasattr(router, "unreachable"):
+                    # Refused: nothing reached that engine (its pool may be gone before
+                    # the gateway's next look at it). Once more, on another replica.
+                    router.release(m)
+                    router.unreachable(m)
+                    continue
+                done(502)
+                pool = getattr(getattr(m, "replica", None), "pool", None)
+                where = f" (model `{m.name}`" + (f", pool {pool})" if pool else ")")
+                return error(502, str(e) + where, "BadGatewayError")
+
+    async def _forward(self, scope: dict, body: bytes, lease, done) -> Response | None:
+        """proxy.forward, cut short (None) if the replica is lost before the answer comes:
+        an engine whose pool's node went away may never answer."""
+        signal = getattr(self.router, "lost_signal", None)
+        if signal is None:
+            return await self.proxy.forward(scope, body, lease.instance.url, done)
+        lost = signal(lease)
+        fwd = asyncio.ensure_future(self.proxy.forward(scope, body, lease.instance.url, done,
+                                                       lost))
         try:
-            return await self.proxy.forward(scope, body, m.instance.url, done)
-        except UpstreamError as e:
-            done(502)
-            return error(502, str(e), "BadGatewayError")
+            await asyncio.wait((fwd, lost), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            fwd.cancel()
+            raise
+        if fwd.done():
+            return fwd.result()
+        fwd.cancel()
+        with contextlib.suppress(BaseException):
+            await fwd
+        return None
 
     def _build_api(self) -> FastAPI:
         router, metrics, proxy = self.router, self.metrics, self.proxy

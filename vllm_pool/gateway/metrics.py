@@ -31,6 +31,18 @@ class GatewayMetrics:
         self.evictions = Counter("vllm_pool_gateway_evictions", "Instances the gateway "
                                  "detached, by reason (lru: room for another model, ttl: "
                                  "idle)", ["model", "reason"], registry=r)
+        self.replicas = Gauge("vllm_pool_gateway_replicas", "Serving replicas of the model "
+                              "(over all pools)", ["model"], registry=r)
+        self.scale_ups = Counter("vllm_pool_gateway_scale_ups", "Instances brought up, by "
+                                 "reason (cold: requests waited and it had none; load: "
+                                 "in flight over target_in_flight per replica; min; "
+                                 "preload)", ["model", "reason"], registry=r)
+        self.scale_downs = Counter("vllm_pool_gateway_scale_downs", "Replicas removed, by "
+                                   "reason (ttl, lru, wake: evicted by the gateway; "
+                                   "pool_down, pool_removed, gone: lost)", ["model", "reason"],
+                                   registry=r)
+        self.pool_up = Gauge("vllm_pool_gateway_pool_up", "1 while the pool answers",
+                             ["pool"], registry=r)
         self.model_state = Gauge("vllm_pool_gateway_model_state", "1 for the model's current "
                                  "state", ["model", "state"], registry=r)
 

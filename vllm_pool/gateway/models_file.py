@@ -11,18 +11,36 @@ models:
     ttl: 600                        # idle seconds before detach; 0 or absent: never
     preload: true                   # attach when the gateway starts
     env: {VLLM_LOGGING_LEVEL: INFO}
+    replicas: {min: 0, max: 3}      # optional: up to 3 instances (docs/scale.md)
+    target_in_flight: 8             # requests in flight per replica before another one
 ```
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 _NAME = r"^[A-Za-z0-9._/:-]+$"
+REPLICA_SEP = ".r"  # `qwen.r2`: the second replica's instance name on a pool
 
 
 class ModelsFileError(Exception):
     """The file cannot be used; the message names the entry and the field."""
+
+
+class Replicas(BaseModel):
+    """How many instances of the entry the gateway may run (over all its pools)."""
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(0, ge=0, le=64, description="kept even when idle; 0: scale to zero")
+    max: int = Field(1, ge=1, le=64, description="at most this many instances")
+
+    @model_validator(mode="after")
+    def _order(self) -> "Replicas":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is more than max ({self.max})")
+        return self
 
 
 class ModelEntry(BaseModel):
@@ -39,6 +57,9 @@ class ModelEntry(BaseModel):
     ttl: float | None = Field(None, ge=0, description="idle seconds before detach; 0: never")
     preload: bool = False
     env: dict[str, str] = Field(default_factory=dict)
+    replicas: Replicas = Field(default_factory=Replicas)
+    target_in_flight: int = Field(8, ge=1, le=100000, description="requests in flight per "
+                                  "replica before the gateway wants another replica")
 
     @field_validator("aliases")
     @classmethod
@@ -62,6 +83,12 @@ class ModelEntry(BaseModel):
     @property
     def names(self) -> list[str]:
         return [self.name, *self.aliases]
+
+    def replica_names(self) -> list[str]:
+        """The pool instance names of the entry's replicas on one pool: the entry's name,
+        then `<name>.r2`, `<name>.r3`, ... (a gateway adopts any of them at start)."""
+        return [self.name] + [f"{self.name}{REPLICA_SEP}{k}"
+                              for k in range(2, self.replicas.max + 1)]
 
     @property
     def idle_ttl(self) -> float | None:
@@ -118,6 +145,12 @@ def parse(text: str, source: str = "models file") -> list[ModelEntry]:
                     f"{'name' if n == entry.name else 'aliases'!r}: {n!r} is already used "
                     f"by entry {seen[n]!r}")
             seen[n] = entry.name
+    replica_names = {r: e.name for e in parsed.models for r in e.replica_names()[1:]}
+    for i, entry in enumerate(parsed.models):
+        if entry.name in replica_names:
+            raise ModelsFileError(
+                f"{source}: entry {i + 1} ({entry.name!r}), field 'name': {entry.name!r} is "
+                f"a replica name of entry {replica_names[entry.name]!r}")
     return parsed.models
 
 

@@ -46,17 +46,21 @@ class PoolView(Protocol):
     def refresh(self) -> None: ...
     def find(self, name: str) -> ViewInstance | None: ...
     def serving(self, inst: ViewInstance) -> bool: ...
-    def attach(self, entry: ModelEntry, devices: list[str] | None,
-               timeout: float) -> ViewInstance: ...
-    def wake(self, inst: ViewInstance, entry: ModelEntry, timeout: float) -> ViewInstance: ...
+    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float,
+               name: str | None = None) -> ViewInstance: ...
+    def wake(self, inst: ViewInstance, entry: ModelEntry, timeout: float,
+             evict: bool = True) -> ViewInstance: ...
     def detach(self, instance_id: str, park: bool) -> None: ...
     def workers(self) -> tuple[dict[int, str], set[int]]: ...
     def packs(self) -> bool: ...
 
 
-def attach_body(entry: ModelEntry, devices: list[str] | None, timeout: float) -> dict:
-    """The attach an entry stands for, as the control API takes it (POST /instances)."""
-    return {"model": entry.model, "tp": entry.tp, "name": entry.name, "devices": devices,
+def attach_body(entry: ModelEntry, devices: list[str] | None, timeout: float,
+                name: str | None = None) -> dict:
+    """The attach an entry stands for, as the control API takes it (POST /instances);
+    `name`: one of the entry's replica names (default: the entry's name)."""
+    return {"model": entry.model, "tp": entry.tp, "name": name or entry.name,
+            "devices": devices,
             "args": entry.attach_args(), "env": dict(entry.env), "timeout_s": timeout}
 
 
@@ -84,13 +88,14 @@ class LocalPool:
         # A dict read, not pool.find: no wait on the pool's lock per request.
         return inst.state == InstanceState.SERVING and self.pool.instances.get(inst.id) is inst
 
-    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
-        b = attach_body(entry, devices, timeout)
+    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float,
+               name: str | None = None):
+        b = attach_body(entry, devices, timeout, name)
         b["timeout"] = b.pop("timeout_s")
         return self.pool.attach(**b)
 
-    def wake(self, inst, entry: ModelEntry, timeout: float):
-        return self.pool.wake(inst, timeout)
+    def wake(self, inst, entry: ModelEntry, timeout: float, evict: bool = True):
+        return self.pool.wake(inst, timeout, evict)
 
     def detach(self, instance_id: str, park: bool) -> None:
         self.pool.detach(instance_id, park=park)
@@ -116,6 +121,7 @@ class RemotePool:
         self.url = self.client.url
         self.reachable = False
         self.parking = False
+        self._settings = False  # parking read from /health
         self._lock = threading.Lock()
         self._instances: dict[str, InstanceInfo] = {}
         self._devices: dict[int, str] = {}
@@ -143,6 +149,7 @@ class RemotePool:
         while True:
             try:
                 self.parking = self._call(self.client.health).parking
+                self._settings = True
                 break
             except AttachError:
                 if time.monotonic() >= deadline:
@@ -155,6 +162,9 @@ class RemotePool:
 
     def refresh(self) -> None:
         try:
+            if not self._settings:  # a pool found after the gateway started
+                self.parking = self._call(self.client.health).parking
+                self._settings = True
             insts = self._call(self.client.instances)
             workers = self._call(self.client.workers)
         except AttachError as e:
@@ -188,7 +198,8 @@ class RemotePool:
         cur = self._instances.get(inst.id)
         return cur is not None and cur.state == InstanceState.SERVING
 
-    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float):
+    def attach(self, entry: ModelEntry, devices: list[str] | None, timeout: float,
+               name: str | None = None):
         started: list[InstanceInfo] = []
 
         def on_event(ev) -> None:
@@ -201,13 +212,13 @@ class RemotePool:
                     if cur is not None and cur.state == InstanceState.ATTACHING:
                         self._instances[cur.id] = cur.model_copy(update={"phase": ev.next})
 
-        inst = self._put(self._call(self.client.attach, attach_body(entry, devices, timeout),
+        inst = self._put(self._call(self.client.attach, attach_body(entry, devices, timeout, name),
                                     timeout=timeout + 60, on_event=on_event))
         self.refresh()  # the workers it took
         return inst
 
-    def wake(self, inst: InstanceInfo, entry: ModelEntry, timeout: float):
-        woken = self._put(self._call(self.client.wake, inst.id, timeout))
+    def wake(self, inst: InstanceInfo, entry: ModelEntry, timeout: float, evict: bool = True):
+        woken = self._put(self._call(self.client.wake, inst.id, timeout, evict))
         self.refresh()
         return woken
 

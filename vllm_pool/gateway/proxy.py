@@ -13,6 +13,7 @@ response's per-request machinery.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import aiohttp
@@ -31,20 +32,29 @@ _SSE_DONE = b"data: [DONE]"
 
 
 class UpstreamError(Exception):
-    pass
+    def __init__(self, message: str, sent: bool = True):
+        super().__init__(message)
+        self.sent = sent  # False: the connection was refused, nothing reached the engine
 
 
 class _Relay(StreamingResponse):
     """StreamingResponse that always ends the upstream response and reports the outcome
     exactly once, however the response ends (done, client gone, cancelled)."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, on_done: Callable[[int], None]):
+    def __init__(self, upstream: aiohttp.ClientResponse, on_done: Callable[[int], None],
+                 lost: asyncio.Future | None = None):
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
         super().__init__(self._relay(upstream), status_code=upstream.status, headers=headers)
         self.upstream = upstream
         self.on_done = on_done
+        self.lost = lost
+        if lost is not None:  # the instance is lost: cut the stream rather than hang
+            lost.add_done_callback(self._cut)
         self.complete = False  # the upstream body was read to its end
         self.delivered = False  # the client was sent the stream's [DONE] event
+
+    def _cut(self, _fut) -> None:
+        self.upstream.close()
 
     async def _relay(self, upstream: aiohttp.ClientResponse):
         async for chunk in upstream.content.iter_any():
@@ -59,6 +69,8 @@ class _Relay(StreamingResponse):
         finally:
             # Starlette returns normally when it notices the disconnect itself.
             status = self.upstream.status if self.complete or self.delivered else CLIENT_GONE
+            if self.lost is not None:
+                self.lost.remove_done_callback(self._cut)
             with anyio.CancelScope(shield=True):
                 if self.complete:
                     self.upstream.release()  # the connection goes back to the pool
@@ -83,10 +95,12 @@ class Proxy:
         return self._session
 
     async def forward(self, scope: dict, body: bytes, base_url: str,
-                      on_done: Callable[[int], None]) -> Response:
+                      on_done: Callable[[int], None],
+                      lost: asyncio.Future | None = None) -> Response:
         """Send the ASGI request `scope` (its body already read) to `base_url` and return
         the answer: a stream as it comes, a whole reply in one piece. Raises UpstreamError
-        when the instance does not answer."""
+        when the instance does not answer. `lost` (done when the instance is lost) cuts a
+        stream that would otherwise hang."""
         url = base_url + scope["path"]
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
@@ -98,10 +112,11 @@ class Proxy:
                 skip_auto_headers=("Accept-Encoding", "Content-Type"))
         except (aiohttp.ClientError, OSError) as e:
             raise UpstreamError(f"the instance at {base_url} did not answer: "
-                                f"{type(e).__name__}: {e}") from None
+                                f"{type(e).__name__}: {e}",
+                                sent=not isinstance(e, aiohttp.ClientConnectorError)) from None
         if upstream.headers.get("content-type", "").startswith("text/event-stream") \
                 or upstream.content_length is None:
-            return _Relay(upstream, on_done)
+            return _Relay(upstream, on_done, lost)
         # A whole JSON answer (not streamed): read it and answer in one piece, without a
         # streaming response's per-request machinery.
         try:

@@ -30,6 +30,12 @@ def add_gateway_args(p: argparse.ArgumentParser, models_required: bool) -> None:
                         "models); more get 429")
     g.add_argument("--gateway-queue-timeout", type=float, default=600.0,
                    help="seconds a request may wait for its model; then 503")
+    g.add_argument("--gateway-max-turn", type=float, default=30.0,
+                   help="grouped queue: seconds a model keeps admitting requests on a device "
+                        "other models wait for; then it drains and gives way (docs/scale.md)")
+    g.add_argument("--gateway-linger", type=float, default=1.0,
+                   help="grouped queue: seconds an idle model keeps its device for its next "
+                        "request before a waiting model takes it")
 
 
 def checked_entries(args, api_key: str | None, devices: list[str]) -> list[ModelEntry]:
@@ -63,12 +69,20 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def group_policy(args):
+    from vllm_pool.gateway.queue import GroupPolicy
+
+    return GroupPolicy(max_turn_s=args.gateway_max_turn, linger_s=args.gateway_linger)
+
+
 class Gateway:
-    """The gateway's server on its own thread and event loop. `pool` is a pool_view:
-    LocalPool in the daemon (`serve --models`), RemotePool in `vllm-pool gateway`."""
+    """The gateway's server on its own thread and event loop. `pool` is a pools.PoolSet,
+    or one pool_view: LocalPool in the daemon (`serve --models`), a PoolSet of RemotePools
+    in `vllm-pool gateway`."""
 
     def __init__(self, pool, entries: list[ModelEntry], sock: socket.socket,
-                 api_key: str | None, max_queue: int, queue_timeout: float):
+                 api_key: str | None, max_queue: int, queue_timeout: float,
+                 policy=None):
         import uvicorn
 
         from vllm_pool.gateway.app import build_gateway_app
@@ -78,7 +92,7 @@ class Gateway:
         self.sock = sock
         self.metrics = GatewayMetrics()
         self.router = Router(pool, entries, self.metrics, max_queue=max_queue,
-                             queue_timeout=queue_timeout)
+                             queue_timeout=queue_timeout, policy=policy)
         app = build_gateway_app(self.router, self.metrics, api_key)
         config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
                                 # many concurrent streams: no keep-alive cap below theirs
@@ -136,7 +150,8 @@ class EmbeddedGateway:
         from vllm_pool.gateway.pool_view import LocalPool
 
         self.gateway = Gateway(LocalPool(pool), self.entries, self.sock, self.api_key,
-                               self.args.gateway_max_queue, self.args.gateway_queue_timeout)
+                               self.args.gateway_max_queue, self.args.gateway_queue_timeout,
+                               group_policy(self.args))
         self.gateway.start()
 
     def stop(self) -> None:
