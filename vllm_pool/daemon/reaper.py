@@ -36,9 +36,10 @@ GRACE_S = 10.0
 class Reaper:
     """The daemon's end of its reaper."""
 
-    def __init__(self, log_path: str, state_path: str | None = None):
+    def __init__(self, log_path: str, state_path: str | None = None, grace: float = GRACE_S):
         r, self._w = os.pipe()
-        argv = [sys.executable, "-m", "vllm_pool.daemon.reaper", "--fd", str(r)]
+        argv = [sys.executable, "-m", "vllm_pool.daemon.reaper", "--fd", str(r),
+                "--grace", str(grace)]
         if state_path:
             argv += ["--state-file", state_path]
         with open(log_path, "ab") as log:
@@ -118,6 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="vllm-pool-reaper")
     p.add_argument("--fd", type=int, required=True)
     p.add_argument("--state-file", default=None)
+    p.add_argument("--grace", type=float, default=GRACE_S)
     a = p.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the daemon
     try:
@@ -126,7 +128,7 @@ def main() -> None:
         setproctitle.setproctitle("vllm-pool-reaper")
     except ImportError:
         pass
-    sys.exit(run(a.fd, a.state_file))
+    sys.exit(run(a.fd, a.state_file, a.grace))
 
 
 if __name__ == "__main__":
