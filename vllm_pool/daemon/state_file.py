@@ -79,7 +79,15 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def same_process(pid: int, start_time: int) -> bool:
-    return pid > 0 and proc_start_time(pid) == start_time
+    """`pid` is still that process, and runs (a zombie has ended: it holds nothing)."""
+    if pid <= 0 or proc_start_time(pid) != start_time:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[:1] != ["Z"]
 
 
 def save(path: str, rec: StateRecord) -> None:
