@@ -288,6 +288,8 @@ def test_bad_input_leaves_pool_as_it_was(idle_pool, model_a, tmp_path):
     assert r.status_code == 422 and "--port" in r.json()["detail"]
     r = pool.client.post("/instances", json={"model": model_a, "tp": 0})
     assert r.status_code == 422
+    r = pool.attach(model_a, args=helpers.ENGINE_ARGS + ["--gpu-memory-utilization", "1.5"])
+    assert r.status_code == 422 and "outside (0, 1]" in r.json()["detail"], r.text
     ws = pool.workers()
     assert [w["state"] for w in ws] == ["idle", "idle"] and [w["pid"] for w in ws] == pids
     assert pool.instances() == []

@@ -149,3 +149,9 @@ def test_the_check_off_the_cpu_platform_imports_no_cpu_worker_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()[-1]
     assert out == "[]", out
+
+
+def test_the_pools_gpu_memory_utilization_default_is_vllms():
+    """The daemon packs an attach without `--gpu-memory-utilization` at vLLM's default,
+    which it keeps as a constant (it does not import vLLM)."""
+    assert compat.vllm_gpu_memory_utilization_default() == compat.GPU_MEMORY_UTILIZATION_DEFAULT

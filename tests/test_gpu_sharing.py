@@ -272,3 +272,45 @@ def test_kill9_of_one_of_two_workers_on_a_shared_gpu(gpu_pool, model_a, model_b,
              or "kernel warm-up failed" in ln]
     assert lines == [], lines
     print(f"kill {victim}:", json.dumps(rec))
+
+
+@pytest.mark.timeout(1800)
+def test_packing_three_models_of_0_3_serve_at_once_then_a_fourth(gpu_pool, model_a, model_b,
+                                                                 model_a_ft, reference, refs):
+    """Issue 19 item 3 (select with `-k packing`): three attaches of 0.3 each all serve at
+    once on GPU 0, each with plain vLLM's greedy tokens; a fourth gets 409 with figures;
+    after one detach the fourth attaches and serves."""
+    from vllm_pool.testing.tiny_model import build_model
+
+    d = gpu_pool
+    model_c = build_model(os.path.join(os.path.dirname(model_a), "tiny-c"), seed=4,
+                          num_layers=3)
+    models = {"p1": model_a, "p2": model_b, "p3": model_a_ft, "p4": model_c}
+    want = {m: refs.get(m) or reference(m) for m in models.values()}
+    d.wait_workers(lambda ws: all(w["state"] == "idle" for w in ws), 300)
+    urls = {}
+    for name in ("p1", "p2", "p3"):
+        r = d.attach(models[name], name=name, args=_args(0.3))
+        assert r.status_code == 201, r.text
+        assert r.json()["devices"] == [DEVICE] and r.json()["gpu_memory_utilization"] == 0.3
+        urls[name] = r.json()["url"]
+    assert {n: s for n, s in _state(d).items() if n in urls} == dict.fromkeys(urls, "serving")
+    for name, url in urls.items():  # all three serve at once
+        assert helpers.greedy(url, models[name]) == want[models[name]], name
+    dev = next(x for x in d.client.get("/devices").json() if x["device"] == DEVICE)
+    assert set(urls) <= set(dev["instances"]), dev
+    RESULTS["packing"] = {"device_after_three": dev}
+    r = d.attach(model_c, name="p4", args=_args(0.3))
+    assert r.status_code == 409 and "no room" in r.text and "margin" in r.text, r.text
+    assert "p4" not in _state(d)
+    r = d.detach("p2")
+    assert r.status_code == 200, r.text
+    r = d.attach(model_c, name="p4", args=_args(0.3))
+    assert r.status_code == 201, r.text
+    urls["p4"] = r.json()["url"]
+    for name in ("p1", "p3", "p4"):
+        assert helpers.greedy(urls[name], models[name]) == want[models[name]], name
+    for name in ("p1", "p3", "p4"):
+        assert d.detach(name).status_code == 200
+    d.wait_workers(lambda ws: all(w["state"] == "idle" for w in ws), 300)
+    assert _unclean_or_respawned(d) == []

@@ -50,6 +50,16 @@ class InstanceInfo(BaseModel):
                                      "now (per process; parked: what it still holds there)")
     phase: str | None = Field(None, description="attaching: the phase in progress "
                               "(an attach phase name, as in `phases`)")
+    gpu_memory_utilization: float | None = Field(None, description="GPU: the share of each "
+                                                 "device it was placed with (packing)")
+
+
+class DeviceInfo(BaseModel):
+    device: str
+    total_mib: int | None = Field(description="None: no reading (CPU, or no NVML)")
+    free_mib: int | None
+    used_mib: int | None
+    instances: list[str] = Field(description="names of the instances with a worker on it")
 
 
 class KernelWarmupInfo(BaseModel):

@@ -185,12 +185,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
     client = PoolClient(args.pool)
     try:
         workers, instances = client.workers(), client.instances()
+        devices = client.devices()
     except PoolError as e:
         print(f"ls failed: {e}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"workers": [w.model_dump(mode="json") for w in workers],
-                          "instances": [i.model_dump(mode="json") for i in instances]},
+                          "instances": [i.model_dump(mode="json") for i in instances],
+                          "devices": [d.model_dump(mode="json") for d in devices]},
                          indent=2))
         return 0
     names = {i.id: i.name for i in instances}
@@ -218,6 +220,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
               + (f"  error: {i.error}" if i.error else ""))
         if i.phases:
             print(f"    {i.engine_host or '-'} engine; phases: {_fmt_phases(i.phases)}")
+    print()
+    # The whole device (all processes): what packing places the next attach against.
+    print(f"{'DEVICE':<9}{'TOTAL':<11}{'USED':<11}{'FREE':<11}INSTANCES")
+    for d in devices:
+        fig = [f"{v}MiB" if v is not None else "-" for v in (d.total_mib, d.used_mib, d.free_mib)]
+        print(f"{d.device:<9}{fig[0]:<11}{fig[1]:<11}{fig[2]:<11}{', '.join(d.instances) or '-'}")
     return 0
 
 

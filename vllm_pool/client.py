@@ -13,8 +13,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 from vllm_pool.access import API_KEY_ENV
-from vllm_pool.api_models import (AttachEvent, DoneEvent, ErrorEvent, Health, InstanceInfo,
-                                  WorkerInfo, attach_event)
+from vllm_pool.api_models import (AttachEvent, DeviceInfo, DoneEvent, ErrorEvent, Health,
+                                  InstanceInfo, WorkerInfo, attach_event)
 
 POOL_URL_ENV = "VLLM_POOL_URL"
 DEFAULT_POOL = "http://127.0.0.1:8100"
@@ -81,6 +81,9 @@ class PoolClient:
 
     def workers(self) -> list[WorkerInfo]:
         return [WorkerInfo.model_validate(w) for w in self.request("GET", "/workers")]
+
+    def devices(self) -> list[DeviceInfo]:
+        return [DeviceInfo.model_validate(d) for d in self.request("GET", "/devices")]
 
     def instances(self) -> list[InstanceInfo]:
         return [InstanceInfo.model_validate(i) for i in self.request("GET", "/instances")]

@@ -121,6 +121,7 @@ REQUIRED_SYMBOLS: tuple[tuple[str, str], ...] = (
     # factors the pool keeps equal to plain vLLM's (cpu_worker_spawn_env).
     ("vllm.v1.worker.startup_plan", "maybe_apply_startup_plan"),
     ("vllm.v1.worker.startup_plan", "maybe_save_startup_plan"),
+    ("vllm.v1.worker.startup_plan", "compute_plan_fingerprint"),  # wrapped: see below
     ("vllm.envs", "compile_factors"),
     # CLI route (plugin.py) and the arguments the pool checks.
     ("vllm.entrypoints.cli.main", "main"),
@@ -248,6 +249,22 @@ SIGNATURES: dict[tuple[str, str], dict[str, str]] = {
         "0.26": "(self)",
         "0.32": "(self, include_version=)"},
 }
+
+
+# vLLM's default `--gpu-memory-utilization` (CacheConfig.gpu_memory_utilization, 0.26
+# through 0.33): what an attach that does not set it asks for, when the pool packs models
+# by memory. Kept here, not imported, because the daemon does not import vLLM;
+# tests/test_compat_static.py checks it against the installed vLLM.
+GPU_MEMORY_UTILIZATION_DEFAULT = 0.92
+GPU_MEMORY_UTILIZATION_FIELD = ("vllm.config.cache", "CacheConfig")
+
+
+def vllm_gpu_memory_utilization_default() -> float:
+    """The installed vLLM's own default (imports vLLM: tests and workers only)."""
+    mod, cls = GPU_MEMORY_UTILIZATION_FIELD
+    # A pydantic dataclass: the field's default is a FieldInfo.
+    return float(getattr(importlib.import_module(mod), cls)
+                 .__pydantic_fields__["gpu_memory_utilization"].default)
 
 
 class UnsupportedVLLM(RuntimeError):
@@ -572,6 +589,46 @@ def clear_cuda_graphs() -> None:
             getattr(importlib.import_module(mod), cls).clear_all_graphs()
         except (ImportError, AttributeError):
             pass
+
+
+# vLLM's cumem allocator (csrc/cumem_allocator.cpp, 0.26 through 0.32 at least) keeps the
+# last CUDA error in a global `error_code` that only its Python entry points reset; its
+# `my_malloc` returns nullptr while it is set. Freeing an allocation that sleep mode has
+# already unmapped (the detach of a parked instance) makes `my_free` call cuMemUnmap on
+# it again: "invalid argument", the flag stays set, and every later allocation in that
+# pool fails in the worker ("Tried to allocate 2.00 MiB" with the GPU empty). The Python
+# free callback special-cases asleep allocations only on ROCm. Nothing leaks: sleep
+# released the physical memory, and `my_free` still frees the address range. The flag
+# is an exported symbol of the extension, read and cleared here.
+def _cumem_error_flag() -> Any | None:
+    try:
+        from vllm.device_allocator import cumem
+    except ImportError:
+        return None
+    path = getattr(cumem, "lib_name", None)
+    if not getattr(cumem, "cumem_available", False) or not path:
+        return None
+    import ctypes
+
+    try:  # already loaded by vLLM: dlopen returns the same library
+        return ctypes.c_int.in_dll(ctypes.CDLL(path), "error_code")
+    except (OSError, ValueError):  # another build of the extension: no such symbol
+        return None
+
+
+def cumem_error_code() -> int:
+    """The CUDA error vLLM's cumem allocator holds (0: none, or no such allocator)."""
+    flag = _cumem_error_flag()
+    return int(flag.value) if flag is not None else 0
+
+
+def clear_cumem_error() -> int:
+    """Clear the cumem allocator's kept error (see above); returns the code it held."""
+    flag = _cumem_error_flag()
+    if flag is None or not flag.value:
+        return 0
+    code, flag.value = int(flag.value), 0
+    return code
 
 
 def dynamo_bytecode_hooks() -> dict:
@@ -899,10 +956,47 @@ def engine_env_defaults() -> dict[str, str]:
     0.26 and later). It keys the profiled KV-cache size on the vLLM version, the
     config hash (model, dtype, cache, parallel and compile settings), device name, total
     memory and capability, torch and CUDA versions, rank and world size, and applies it only
-    if the device has at least as much free memory as when it was measured. A changed
-    input therefore never reuses a stale figure. Its files live under VLLM_CACHE_ROOT.
+    if the device has at least as much free memory as when it was measured. The config
+    hash leaves out the memory share: the pool workers add it
+    (`key_startup_plan_by_memory_share`). Its files live under VLLM_CACHE_ROOT.
     """
     return {"VLLM_ENABLE_STARTUP_PLAN": "1"}
+
+
+# Factors of the KV-cache size that vLLM's startup-plan fingerprint leaves out: it hashes
+# VllmConfig.compute_hash(), and CacheConfig.compute_hash() ignores both (they do not
+# change the compiled graph). A plan recorded at one --gpu-memory-utilization would be
+# applied at another (H200, vLLM 0.26: an attach at 0.3 reserved the 55.72 GiB of KV
+# cache recorded at 0.4, and packing found no room for the third 0.3 share).
+STARTUP_PLAN_EXTRA_FACTORS = ("gpu_memory_utilization", "kv_cache_memory_bytes")
+
+
+def key_startup_plan_by_memory_share() -> bool:
+    """Add STARTUP_PLAN_EXTRA_FACTORS to vLLM's startup-plan fingerprint, in this process
+    (the pool worker, where vLLM's Worker looks its plan up). Idempotent; False when this
+    vLLM has no startup plan (before 0.26)."""
+    try:
+        from vllm.v1.worker import startup_plan
+    except ImportError:
+        return False
+    orig = getattr(startup_plan, "compute_plan_fingerprint", None)
+    if orig is None:
+        return False
+    if getattr(orig, "_vllm_pool_keyed", False):
+        return True
+
+    @functools.wraps(orig)
+    def fingerprint(vllm_config: Any, rank: int, world_size: int) -> str:
+        import hashlib
+
+        cache = vllm_config.cache_config
+        extra = {k: getattr(cache, k, None) for k in STARTUP_PLAN_EXTRA_FACTORS}
+        base = orig(vllm_config, rank, world_size)
+        return hashlib.sha256(f"{base}|{sorted(extra.items())!r}".encode()).hexdigest()[:16]
+
+    fingerprint._vllm_pool_keyed = True  # type: ignore[attr-defined]
+    startup_plan.compute_plan_fingerprint = fingerprint
+    return True
 
 
 def fork_registry_inspection() -> None:

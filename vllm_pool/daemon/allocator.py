@@ -24,17 +24,19 @@ def _busy_devices(states: Mapping[int, WorkerState], devices: Mapping[int, str])
     return {devices[s] for s, st in states.items() if st in _ACTIVE}
 
 
-def free_slots(states: Mapping[int, WorkerState], devices: Mapping[int, str]) -> set[int]:
+def free_slots(states: Mapping[int, WorkerState], devices: Mapping[int, str],
+               packed: bool = False) -> set[int]:
     """Idle workers an attach may take: one active model per device, so an idle worker
     beside a serving one (kept ready for when that one is parked) is not free while the
-    device's memory is in use."""
-    busy_devices = _busy_devices(states, devices)
+    device's memory is in use; `packed`: the pool has checked the device's memory
+    (packing.py), so any idle worker is."""
+    busy_devices = set() if packed else _busy_devices(states, devices)
     return {s for s, st in states.items()
             if st == WorkerState.IDLE and devices[s] not in busy_devices}
 
 
 def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: int,
-            wanted_devices: Sequence[str] | None = None) -> list[int]:
+            wanted_devices: Sequence[str] | None = None, packed: bool = False) -> list[int]:
     """Return the slots of `n` IDLE workers, in rank order.
 
     `wanted_devices` pins the attach to those devices (rank i on the i-th), else the
@@ -42,9 +44,9 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
     """
     if n < 1:
         raise ValueError("an attach needs at least one worker")
-    free_now = free_slots(states, devices)
+    free_now = free_slots(states, devices, packed)
     if wanted_devices:
-        busy_devices = _busy_devices(states, devices)
+        busy_devices = set() if packed else _busy_devices(states, devices)
         if len(wanted_devices) != n:
             raise NoCapacity(f"{len(wanted_devices)} devices asked for, but TP x PP = {n}")
         if len(set(wanted_devices)) != n:
@@ -77,14 +79,15 @@ def reserve(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: in
 
 
 def fits_once_started(states: Mapping[int, WorkerState], devices: Mapping[int, str], n: int,
-                      wanted_devices: Sequence[str] | None = None) -> bool:
+                      wanted_devices: Sequence[str] | None = None,
+                      packed: bool = False) -> bool:
     """Whether the attach would fit once the workers now starting or warming are idle (a
     worker started beside a parked one, or a respawned one): worth waiting for, not a 409."""
     if not any(st in _SOON_IDLE for st in states.values()):
         return False
     soon = {s: WorkerState.IDLE if st in _SOON_IDLE else st for s, st in states.items()}
     try:
-        reserve(soon, devices, n, wanted_devices)
+        reserve(soon, devices, n, wanted_devices, packed)
     except (NoCapacity, ValueError):
         return False
     return True

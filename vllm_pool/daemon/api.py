@@ -12,9 +12,9 @@ from fastapi import FastAPI, HTTPException, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from vllm_pool.api_models import (AttachBody, Health, InstanceInfo, KernelWarmupInfo,
-                                  WorkerInfo)
-from vllm_pool.daemon import parking
+from vllm_pool.api_models import (AttachBody, DeviceInfo, Health, InstanceInfo,
+                                  KernelWarmupInfo, WorkerInfo)
+from vllm_pool.daemon import parking, placement
 from vllm_pool.daemon.attach_stream import StreamedAttach
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Instance, Pool
@@ -33,7 +33,20 @@ def instance_info(pool: Pool, i: Instance) -> InstanceInfo:
         parked_at=i.parked_at, host_bytes=i.host_bytes, woken=i.woken,
         device_bytes=parking.device_bytes([pool.workers[s] for s in i.slots
                                            if s in pool.workers]),
-        phase=i.phase if i.state == InstanceState.ATTACHING else None)
+        phase=i.phase if i.state == InstanceState.ATTACHING else None,
+        gpu_memory_utilization=i.gpu_memory_utilization)
+
+
+def device_infos(pool: Pool) -> list[DeviceInfo]:
+    rooms = {r.device: r for r in placement.rooms(pool)}
+    out = []
+    for d in pool.cfg.devices:
+        r = rooms.get(d)
+        names = [i.name for i in list(pool.instances.values()) if d in i.devices]
+        total, free = (r.total_bytes >> 20, r.free_bytes >> 20) if r else (None, None)
+        out.append(DeviceInfo(device=d, total_mib=total, free_mib=free,
+                              used_mib=None if r is None else total - free, instances=names))
+    return out
 
 
 def worker_info(pool: Pool, w: WorkerHandle) -> WorkerInfo:
@@ -138,12 +151,20 @@ def build_app(pool: Pool) -> FastAPI:
     def workers() -> list[WorkerInfo]:
         return [worker_info(pool, w) for w in list(pool.workers.values())]
 
+    @app.get("/devices", response_model=list[DeviceInfo])
+    def devices() -> list[DeviceInfo]:
+        """Each device's memory now (GPU, NVML: the whole device) and its instances."""
+        return device_infos(pool)
+
     @app.get("/instances", response_model=list[InstanceInfo])
     def instances() -> list[InstanceInfo]:
         return [instance_info(pool, i) for i in list(pool.instances.values())]
 
     @app.post("/instances", response_model=InstanceInfo, status_code=201,
-              responses={409: {"description": "not enough free workers, or name/port taken"},
+              responses={409: {"description": "not enough free workers or no GPU with room "
+                                               "for the share, or name/port taken"},
+                         422: {"description": "bad input (e.g. --gpu-memory-utilization "
+                                               "outside (0, 1])"},
                          400: {"description": "the engine failed to start"}})
     async def attach(body: AttachBody, response: Response,
                      stream: bool = Query(False, description=(

@@ -27,6 +27,7 @@ class StreamedAttach:
         self.body = body
         self.info = info
         self.inst: Instance | None = None
+        self.accepted: InstanceInfo | None = None  # the instance as it was when accepted
         self.first = 0               # progress entries of an earlier attach (a wake's)
         self.waking = False
         self.result: Instance | None = None
@@ -41,6 +42,8 @@ class StreamedAttach:
         with inst.changed:
             self.first = len(inst.progress)
         self.waking = inst.state != InstanceState.ATTACHING
+        # Taken now: a wake on CPU ends in milliseconds, before `lines` first runs.
+        self.accepted = self.info(inst)
         self.inst = inst
         self.started.set()
 
@@ -67,7 +70,7 @@ class StreamedAttach:
     def lines(self) -> Iterator[bytes]:
         """The JSON lines (call once `started` is set and `inst` is not None)."""
         inst = self.inst
-        yield _line(StartedEvent(instance=self.info(inst)))
+        yield _line(StartedEvent(instance=self.accepted or self.info(inst)))
         seen = self.first
         while True:
             with inst.changed:

@@ -27,6 +27,7 @@ class PoolConfig:
     park_on_detach: bool = False            # a plain detach parks
     wake_evicts: str = "park"               # what waking does to an occupant: park|detach
     kernel_warmup: str = "off"              # off|eager|compiled: see kernel_warmup.py
+    pack_margin_mib: int = 1024             # packing.py: kept free on a GPU beyond a share
 
 
 # The phase an attach is in once the named one is done (vLLM's start-up order; the
@@ -67,6 +68,7 @@ class Instance(Stateful):
     host_bytes: int = 0                     # parked: host memory held (RSS over idle)
     woken: bool = False                     # the last attach request woke it
     kernel_warmup: bool = False             # the pool's own warm-up attach of a new worker
+    gpu_memory_utilization: float | None = None  # GPU: the share it was packed with
     # An attach as it happens: the phase in progress, and the phases done so far in order
     # (name, seconds, the phase then in progress), each signalled on `changed`;
     # `launched_at`: the engine's launch.

@@ -9,7 +9,8 @@ Invariants kept under `self.lock`:
 
 Every state change goes through states.transition. Beside this module: engines.py (which
 process an engine runs in), park_wake.py (parking), kernel_warmup.py (a new worker's
-warm-up attach), reclaim.py (shared memory and run directories), arg_policy.py.
+warm-up attach), reclaim.py (shared memory and run directories), arg_policy.py,
+placement.py (which GPUs a packed attach takes, and their locks).
 Why about 480 lines: attach (lease, launch, wait) and the mapping of worker events to
 states are one state machine over the same instance and worker records; split further
 they would reach into each other's private state.
@@ -27,8 +28,8 @@ import uuid
 from collections.abc import Callable
 
 from vllm_pool import compat, messages
-from vllm_pool.daemon import (allocator, kernel_warmup, park_wake, parking, ports, reaper,
-                              reclaim, state_file)
+from vllm_pool.daemon import (allocator, kernel_warmup, packing, park_wake, parking,
+                              placement, ports, reaper, reclaim, state_file)
 from vllm_pool.daemon.arg_policy import check_args
 from vllm_pool.daemon.background import start_thread
 from vllm_pool.daemon.engines import EngineHosts, engine_order
@@ -59,6 +60,9 @@ class Pool:
         os.makedirs(cfg.run_dir, mode=0o700, exist_ok=True)
         os.makedirs(cfg.log_dir, exist_ok=True)
         self.workers: dict[int, WorkerHandle] = {}
+        # One memory change (an attach's start) at a time per GPU, so the free figure
+        # read for placing the next one is honest.
+        self.device_locks = {d: threading.Lock() for d in cfg.devices}
         for dev in cfg.devices:
             self.new_worker(dev)
         if not cfg.park_budget_bytes:
@@ -234,6 +238,10 @@ class Pool:
         args = list(args or [])
         env = dict(env or {})
         check_args(args, env)
+        try:
+            util = packing.utilization_of(args, compat.GPU_MEMORY_UTILIZATION_DEFAULT)
+        except ValueError as e:
+            raise AttachError(str(e), 422) from None
         settings = parking.settings_key(model, tp, pp, args, env, devices)
         with self.lock:
             parked = next((i for i in self.instances.values()
@@ -246,7 +254,23 @@ class Pool:
             return park_wake.wake(self, parked, timeout)
         n = tp * pp
         iid = uuid.uuid4().hex[:12]
-        self._wait_for_starting_workers(n, devices, timeout)
+        held = placement.place(self, util, n, devices)
+        try:
+            return self._attach_on(held, util, model, tp, pp, name, port, devices, args, env,
+                                   timeout, on_start, settings, iid, t0)
+        finally:
+            for d in held:
+                self.device_locks[d].release()
+
+    def _attach_on(self, held: list[str], util: float, model: str, tp: int, pp: int,
+                   name: str | None, port: int | None, devices: list[str] | None,
+                   args: list[str], env: dict[str, str], timeout: float,
+                   on_start: Callable[[Instance], None] | None, settings: str, iid: str,
+                   t0: float) -> Instance:
+        n, packed = tp * pp, bool(held)
+        if packed:
+            devices = held  # rank order
+        self._wait_for_starting_workers(n, devices, timeout, packed)
         with self.lock:
             if self.stopping:
                 raise AttachError("the pool is shutting down", 503)
@@ -259,10 +283,12 @@ class Pool:
             try:
                 slots = allocator.reserve(self.alloc_states(),
                                           {s: w.device for s, w in self.workers.items()},
-                                          n, devices)
+                                          n, devices, packed)
             except allocator.NoCapacity as e:
                 raise AttachError(str(e), 409) from None
             inst = self.lease(iid, name, model, tp, pp, port, args, env, slots, settings)
+            if packed:
+                inst.gpu_memory_utilization = util
         if on_start is not None:
             on_start(inst)
         inst.phases["reserve"] = time.perf_counter() - t0
@@ -298,7 +324,7 @@ class Pool:
         return inst
 
     def _wait_for_starting_workers(self, n: int, devices: list[str] | None,
-                                   timeout: float) -> None:
+                                   timeout: float, packed: bool = False) -> None:
         """An attach that only lacks workers still starting waits for them rather than
         getting 409; anything else is decided (and refused) by the allocator right after."""
         deadline = time.monotonic() + timeout
@@ -307,10 +333,10 @@ class Pool:
                 states = self.alloc_states()
                 devs = {s: w.device for s, w in self.workers.items()}
                 try:
-                    allocator.reserve(states, devs, n, devices)
+                    allocator.reserve(states, devs, n, devices, packed)
                     return
                 except (allocator.NoCapacity, ValueError):
-                    if not allocator.fits_once_started(states, devs, n, devices):
+                    if not allocator.fits_once_started(states, devs, n, devices, packed):
                         return
                 starting = [w for w in self.workers.values()
                             if w.state in (_W.STARTING, _W.WARMING)]

@@ -96,6 +96,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="GPU: CUDA-context memory (loaded kernels, library handles) a "
                         "detached worker may keep above its idle baseline for the next "
                         "attach; only process exit frees it; more: the worker is respawned")
+    p.add_argument("--pack-margin-mib", type=int, default=1024,
+                   help="GPU: memory kept free beyond an attach's --gpu-memory-utilization "
+                        "share when models are packed on one device (docs/packing.md)")
 
 
 class Companion(Protocol):
@@ -164,6 +167,7 @@ def serve(args: argparse.Namespace, companions: Sequence[Companion] = ()) -> int
                            log_dir=log_dir, engine_host=args.engine_host,
                            memory_slack_mib=args.memory_slack_mib,
                            context_memory_mib=args.context_memory_mib,
+                           pack_margin_mib=args.pack_margin_mib,
                            engine_fork=args.engine_hosts == "fork"
                            and args.engine_spares != 0,  # the old flag's 0: fresh hosts
                            state_path=state_path, control_port=args.port,

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from vllm_pool.api_models import InstanceInfo, PhaseEvent, StartedEvent
 from vllm_pool.client import PoolClient, PoolError
-from vllm_pool.daemon import allocator
+from vllm_pool.daemon import allocator, placement
 from vllm_pool.daemon.errors import AttachError
 from vllm_pool.daemon.pool import Pool
 from vllm_pool.gateway.models_file import ModelEntry
@@ -51,6 +51,7 @@ class PoolView(Protocol):
     def wake(self, inst: ViewInstance, entry: ModelEntry, timeout: float) -> ViewInstance: ...
     def detach(self, instance_id: str, park: bool) -> None: ...
     def workers(self) -> tuple[dict[int, str], set[int]]: ...
+    def packs(self) -> bool: ...
 
 
 def attach_body(entry: ModelEntry, devices: list[str] | None, timeout: float) -> dict:
@@ -94,6 +95,10 @@ class LocalPool:
     def detach(self, instance_id: str, park: bool) -> None:
         self.pool.detach(instance_id, park=park)
 
+    def packs(self) -> bool:
+        """The pool places attaches by GPU memory (daemon/packing.py), several per GPU."""
+        return bool(placement.rooms(self.pool))
+
     def workers(self) -> tuple[dict[int, str], set[int]]:
         """Every worker's device by slot, and the slots an attach may take now."""
         ws = list(self.pool.workers.values())
@@ -115,6 +120,7 @@ class RemotePool:
         self._instances: dict[str, InstanceInfo] = {}
         self._devices: dict[int, str] = {}
         self._states: dict[int, WorkerState] = {}
+        self._packs = False
         self.last_error: str | None = None
 
     @property
@@ -160,12 +166,19 @@ class RemotePool:
             # As the pool's allocator sees them: a warming worker is not free yet.
             self._states = {w.slot: WorkerState.STARTING if w.state == WorkerState.WARMING
                             else w.state for w in workers}
+            # As Pool.rooms: every GPU has NVML's figures, so the pool packs by memory.
+            self._packs = bool(workers) and all(
+                w.device.startswith("cuda") and w.memory_source == "nvml"
+                and w.device_total_bytes for w in workers)
         self.reachable, self.last_error = True, None
 
     def _put(self, inst: InstanceInfo) -> InstanceInfo:
         with self._lock:
             self._instances[inst.id] = inst
         return inst
+
+    def packs(self) -> bool:
+        return self._packs
 
     def find(self, name: str) -> InstanceInfo | None:
         with self._lock:

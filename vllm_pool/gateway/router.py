@@ -10,7 +10,9 @@ Rules:
 - waiting requests are bounded (`max_queue`, over all models) and time out
   (`queue_timeout`);
 - when the devices are full, the least recently used *idle* instance (no request in flight,
-  none waiting) is evicted; an instance with requests in flight never is;
+  none waiting) is evicted; an instance with requests in flight never is; where the pool
+  packs models by GPU memory (several per GPU), the pool places the attach and the gateway
+  evicts only when the pool answered 409 for lack of room ("no room: ..."), then retries;
 - an instance idle for its entry's `ttl` is evicted by the reaper;
 - the pool is the source of truth: an instance named like an entry is that entry's, so a
   gateway that finds instances already running adopts them instead of attaching twice
@@ -220,18 +222,21 @@ class Router:
                     continue
                 if m.waiting == 0 and not keep:
                     return  # everyone waiting gave up
-                devices = self._devices_for(m.entry)
-                if devices is None:
-                    victim = self._pick_victim(m)
-                    if victim is not None:
-                        await self._evict_model(victim, "lru")
-                    else:
-                        await self._wait_change(1.0)
+                packs = self.pool.packs()
+                devices = (list(m.entry.devices or []) or None) if packs \
+                    else self._devices_for(m.entry)
+                if devices is None and not packs:
+                    await self._evict_one_or_wait(m)
                     continue
                 try:
                     inst = await asyncio.to_thread(self.pool.attach, m.entry, devices,
                                                    self.attach_timeout)
                 except AttachError as e:
+                    if e.status == 409 and packs and ("no room" in str(e)
+                                                      or "free workers" in str(e)):
+                        # Eviction frees memory: one model at a time, until it fits.
+                        await self._evict_one_or_wait(m)
+                        continue
                     if e.status == 409:
                         # Room taken meanwhile (or the name): look again.
                         await self._wait_change(0.25)
@@ -336,6 +341,14 @@ class Router:
             pass  # already gone
         except AttachError as e:
             logger.warning("detach of %s: %s", instance.name, e)
+
+    async def _evict_one_or_wait(self, m: Model) -> None:
+        """Evict the least recently used idle model for `m`, or wait for a change."""
+        victim = self._pick_victim(m)
+        if victim is not None:
+            await self._evict_model(victim, "lru")
+        else:
+            await self._wait_change(1.0)
 
     async def _evict_model(self, m: Model, reason: str) -> None:
         inst = m.instance

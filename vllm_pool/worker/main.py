@@ -111,6 +111,7 @@ class PoolWorker:
         else:
             compat.register_sleep_backend(sleep_backend.NAME, sleep_backend.__name__,
                                           sleep_backend.KeptCopyBackend.__name__)
+        compat.key_startup_plan_by_memory_share()
         if not compat.share_compile_cache_by_architecture():
             logger.warning("compile cache stays per model path: a compile-key site is missing")
         for part, secs in compat.prepay_once_per_process(self.device).items():

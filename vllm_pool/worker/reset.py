@@ -111,6 +111,9 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
         # and vLLM's sleep) would otherwise stay in this process after the model is gone.
         if hasattr(torch._C, "_host_emptyCache"):
             steps.append(("pinned host cache", torch._C._host_emptyCache))
+        # Last: freeing a parked model's asleep allocations leaves vLLM's cumem allocator
+        # in error, and every later allocation of the next attach would fail.
+        steps.append(("cumem error flag", _clear_cumem_error))
     else:
         # vLLM's CPU TP communicator keeps its shared segments mapped until process exit.
         steps.append(("cpu tp shared memory", compat.release_cpu_tp_mappings))
@@ -119,6 +122,13 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
             step()
         except Exception as e:  # keep going: the clean check decides the worker's fate
             logger.warning("teardown step %s failed: %s", name, e)
+
+
+def _clear_cumem_error() -> None:
+    code = compat.clear_cumem_error()
+    if code:
+        logger.info("cleared CUDA error %d that vLLM's cumem allocator kept from freeing "
+                    "the parked model's unmapped memory", code)
 
 
 def _drop_model(proc: Any) -> None:
@@ -174,6 +184,10 @@ def clean_check(device: torch.device | None, base: IdleBaseline, slack: int,
                                     slack, context_allowance)
         if err:
             return err
+    code = compat.cumem_error_code()
+    if code:
+        return (f"vLLM's cumem allocator holds CUDA error {code}: every allocation in its "
+                f"pool would fail")
     try:  # a small kernel still runs on the device
         x = torch.ones(8, device=device or "cpu")
         if float((x + x).sum()) != 16.0:
