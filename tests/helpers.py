@@ -219,6 +219,12 @@ def process_tree(root: int) -> dict[int, str]:
     return tree
 
 
+def reaper_pid(daemon_pid: int) -> int | None:
+    """The daemon's reaper (daemon/reaper.py), a child in a session of its own."""
+    return next((pid for pid, a in process_tree(daemon_pid).items()
+                 if "vllm-pool-reaper" in a or "vllm_pool.daemon.reaper" in a), None)
+
+
 def running_engines(daemon_pid: int) -> list[str]:
     """Attached engines (API server, EngineCore) under a daemon; spare hosts excluded."""
     return [a for a in process_tree(daemon_pid).values()

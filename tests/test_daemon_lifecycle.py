@@ -87,9 +87,11 @@ def _wait(pred, timeout: float) -> bool:
 
 
 def test_daemon_crash_then_restart_reclaims_what_it_left(logs, model_a, tmp_path):
-    """kill -9 of the daemon: its engine ends itself; a worker that cannot notice (stopped,
-    as if hung in a device call) survives, and the next daemon with the same state file
-    kills it, removes the instance's shared memory and run directory, and serves."""
+    """kill -9 of the daemon and of its reaper (as the OOM killer of a whole cgroup would):
+    its engine ends itself; a worker that cannot notice (stopped, as if hung in a device
+    call) survives, and the next daemon with the same state file kills it, removes the
+    instance's shared memory and run directory, and serves. (The reaper alone:
+    test_faults.py's daemon kill -9 cells.)"""
     state = str(tmp_path / "pool.state.json")
     args = ["--state-file", state, "--engine-hosts", "fresh"]
     d = helpers.Daemon(1, os.path.join(logs, "crash-pool"), args)
@@ -105,6 +107,9 @@ def test_daemon_crash_then_restart_reclaims_what_it_left(logs, model_a, tmp_path
         rec = json.load(open(state))
         assert {p["pid"] for p in rec["processes"]} >= {wpid, inst["engine_pid"]}
         os.kill(wpid, signal.SIGSTOP)
+        rpid = helpers.reaper_pid(d.proc.pid)
+        assert rpid is not None, helpers.process_tree(d.proc.pid)
+        os.kill(rpid, signal.SIGKILL)
         os.kill(d.proc.pid, signal.SIGKILL)
         d.proc.wait()
         assert _wait(lambda: not _alive(inst["engine_pid"]), 60), "engine outlived its daemon"

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from vllm_pool import compat, messages
 from vllm_pool.daemon import (allocator, kernel_warmup, packing, park_wake, parking,
-                              placement, ports, reclaim, state_file)
+                              placement, ports, reaper, reclaim, state_file)
 from vllm_pool.daemon.arg_policy import check_args
 from vllm_pool.daemon.background import start_thread
 from vllm_pool.daemon.engines import EngineHosts, engine_order
@@ -94,9 +94,12 @@ class Pool:
         self.engines.start()
         for w in self.workers.values():
             w.spawn()
-        if self.cfg.state_path:
-            self._writer = state_file.StateWriter(
-                self.cfg.state_path, lambda: state_file.snapshot(self), lambda: self.stopping)
+        # The reaper removes what this daemon leaves if it dies, the state file is for the
+        # next daemon's start: both get every snapshot until the clean stop is over.
+        self._writer = state_file.StateWriter(
+            self.cfg.state_path, lambda: state_file.snapshot(self),
+            reaper.Reaper(os.path.join(self.cfg.log_dir, f"reaper-{self.cfg.control_port}.log"),
+                          self.cfg.state_path))
 
     def _engine_base_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -119,16 +122,17 @@ class Pool:
                                    f"{w.error or w.state.value}; see {w.log_path}")
 
     def shutdown(self) -> None:
+        """Stop everything, in parallel where the steps are independent: a stop takes as
+        long as its slowest engine or worker, not their sum."""
         with self.lock:
             self.stopping = True
             instances = list(self.instances.values())
-        for w in self.workers.values():
+        workers = list(self.workers.values())
+        for w in workers:
             w.notify()  # waits on a worker re-check `stopping`
-        for inst in instances:
-            self._stop_engine(inst)
+        _each(self._stop_engine, instances)
         self.engines.stop()
-        for w in self.workers.values():
-            w.stop()
+        _each(lambda w: w.stop(), workers)
         for inst in instances:
             self._reclaim(inst)
         shutil.rmtree(self.cfg.run_dir, ignore_errors=True)
@@ -511,3 +515,12 @@ class Pool:
             if ref in self.instances:
                 return self.instances[ref]
             return next((i for i in self.instances.values() if i.name == ref), None)
+
+
+def _each(fn: Callable, items: list) -> None:
+    """fn(item) for every item, in threads, until all are done."""
+    threads = [threading.Thread(target=fn, args=(x,), daemon=True) for x in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -79,7 +79,15 @@ def proc_start_time(pid: int) -> int | None:
 
 
 def same_process(pid: int, start_time: int) -> bool:
-    return pid > 0 and proc_start_time(pid) == start_time
+    """`pid` is still that process, and runs (a zombie has ended: it holds nothing)."""
+    if pid <= 0 or proc_start_time(pid) != start_time:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].split()[:1] != ["Z"]
 
 
 def save(path: str, rec: StateRecord) -> None:
@@ -111,7 +119,21 @@ def reclaim(path: str, timeout: float = 10.0) -> list[str]:
     if rec.daemon_pid != os.getpid() and same_process(rec.daemon_pid, rec.daemon_start_time):
         raise DaemonAlive(f"another vllm-pool daemon (pid {rec.daemon_pid}, control port "
                           f"{rec.control_port}) owns the state file {path}; stop it first")
+    done = reclaim_record(rec, timeout)
+    os.unlink(path)
+    return done
+
+
+def reclaim_record(rec: StateRecord, timeout: float = 10.0, grace: float = 0.0) -> list[str]:
+    """Stop the recorded processes that still run (after `grace` seconds in which they may
+    end themselves, as they do on their dead daemon's EOF), then remove the recorded shared
+    memory and run directories; returns what was done. Used by the next daemon's start
+    (`reclaim`) and by the dead daemon's reaper (reaper.py)."""
     done: list[str] = []
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(
+            same_process(p.pid, p.start_time) for p in rec.processes):
+        time.sleep(0.05)
     survivors = [p for p in rec.processes if same_process(p.pid, p.start_time)]
     for p in survivors:
         for target, kill in ((p.pid, os.killpg), (p.pid, os.kill)):
@@ -125,13 +147,12 @@ def reclaim(path: str, timeout: float = 10.0) -> list[str]:
             same_process(p.pid, p.start_time) for p in survivors):
         time.sleep(0.05)
     for inst in rec.instances:
-        removed = cleanup.remove(inst.shm_names, inst.shm_globs)
+        removed = cleanup.remove(inst.shm_names, inst.shm_globs, inst.run_dir)
         if removed:
             done.append(f"removed {removed} shared-memory segments of instance {inst.name}")
     if rec.run_dir and os.path.isdir(rec.run_dir):
         shutil.rmtree(rec.run_dir, ignore_errors=True)
         done.append(f"removed run directory {rec.run_dir}")
-    os.unlink(path)
     return done
 
 
@@ -169,34 +190,45 @@ def snapshot(pool) -> StateRecord:
 
 
 class StateWriter:
-    """Rewrites the state file whenever the snapshot changes: polled every 0.2 s, so every
-    change of a PID or an instance is on disk within that, without a hook on each path."""
+    """Keeps the snapshot where a dead daemon's successors find it: the state file (for the
+    next daemon's start) and the reaper (reaper.py, which acts as soon as this daemon dies).
+    Polled every 0.2 s, so every change of a PID or an instance is out within that, without
+    a hook on each path; it runs until `close`, through the whole shutdown, since a daemon
+    killed while it stops leaves what the snapshot then lists."""
 
-    def __init__(self, path: str, snapshot, stopping):
+    def __init__(self, path: str | None, snapshot, reaper=None):
         self.path = path
         self._snapshot = snapshot
-        self._stopping = stopping
+        self._reaper = reaper
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="PoolStateWriter")
         self._thread.start()
 
     def _loop(self) -> None:
         last = b""
-        while not self._stopping():
+        while not self._closed.is_set():
             try:
                 rec = self._snapshot()
                 enc = msgspec.json.encode(rec)
                 if enc != last:
-                    save(self.path, rec)
+                    if self._reaper is not None:
+                        self._reaper.record(enc)
+                    if self.path:
+                        save(self.path, rec)
                     last = enc
             except Exception:  # noqa: BLE001 - never let the writer die silently
                 logger.exception("could not write the pool state file %s", self.path)
-            time.sleep(0.2)
+            self._closed.wait(0.2)
 
     def close(self) -> None:
         """After shutdown: everything recorded is stopped and removed, nothing is left for
-        a next daemon to do."""
+        a next daemon or the reaper to do."""
+        self._closed.set()
         self._thread.join(timeout=5)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        if self._reaper is not None:
+            self._reaper.done()

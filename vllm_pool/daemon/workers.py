@@ -153,10 +153,15 @@ class WorkerHandle(Stateful):
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the worker for good: it is STOPPED first, so its exit is not a crash."""
+        starting = self.state == WorkerState.STARTING
         if self.state != WorkerState.STOPPED:
             transition(self, WorkerState.STOPPED)
         if self.proc is None:
             return
+        if starting:
+            # Still importing vLLM, reading no command yet: it holds nothing to release,
+            # and waiting would cost the rest of its start (20 s on two cores).
+            self.kill()
         self.send(messages.Shutdown())
         with self.changed:
             if self._cmd_w is not None:
