@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from tests import helpers
 from vllm_pool.api_models import InstanceInfo
 from vllm_pool.client import PoolClient, PoolError
 from vllm_pool.states import InstanceState
@@ -26,21 +27,13 @@ def server():
     """(url, paths asked): GET /instances/<id or name> answers INST, any other path 404."""
     paths: list[str] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the stdlib's name
+    class Handler(helpers.JsonHandler):
+        def do_GET(self):
             paths.append(self.path)
             if self.path in ("/instances/3f2a", "/instances/a%2Fb"):
-                status, body = 200, INST.model_dump_json().encode()
+                self.reply(200, INST.model_dump_json().encode())
             else:
-                status, body = 404, json.dumps({"detail": "no instance 'x'"}).encode()
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
+                self.reply(404, json.dumps({"detail": "no instance 'x'"}).encode())
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
