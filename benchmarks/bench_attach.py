@@ -32,6 +32,10 @@ import time
 
 import httpx
 from common import free_port, machine, start_run, wait_health
+from pool_calls import wait_pool
+
+from vllm_pool.api_models import InstanceInfo
+from vllm_pool.client import PoolClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,31 +130,28 @@ class Pool:
                                       "--kernel-warmup", a.kernel_warmup],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_health(self.url, self.proc, a.timeout)
+        wait_pool(self.url, self.proc, a.timeout)
         self.ready_s = time.perf_counter() - t0
-        self.c = httpx.Client(base_url=self.url, timeout=a.timeout)
+        self.client = PoolClient(self.url, timeout=a.timeout)
+        self.timeout = a.timeout
         # Each worker's start: process warm-up, then the kernel warm-up attach (if on), and
         # its idle footprint after both (what detaches are measured against).
         self.workers_at_start = [
-            {k: w[k] for k in ("slot", "device", "start_s", "kernel_warmup_s", "baseline_bytes")}
-            for w in self.c.get("/workers").json()]
+            {k: getattr(w, k) for k in ("slot", "device", "start_s", "kernel_warmup_s",
+                                        "baseline_bytes")}
+            for w in self.client.workers()]
 
-    def attach(self, a, model: str, name: str, extra_env: dict) -> dict:
-        r = self.c.post("/instances", json={"model": model, "tp": a.tp, "name": name,
-                                            "args": a.engine_args, "env": extra_env,
-                                            "timeout_s": a.timeout})
-        if r.status_code != 201:
-            raise RuntimeError(f"attach failed: {r.status_code} {r.text}")
-        return r.json()
+    def attach(self, a, model: str, name: str, extra_env: dict) -> InstanceInfo:
+        return self.client.attach({"model": model, "tp": a.tp, "name": name,
+                                   "args": a.engine_args, "env": extra_env,
+                                   "timeout_s": a.timeout})
 
     def detach(self, name: str) -> float:
         t0 = time.perf_counter()
-        r = self.c.delete(f"/instances/{name}")
-        r.raise_for_status()
+        self.client.detach(name, timeout=self.timeout)
         return time.perf_counter() - t0
 
     def stop(self) -> None:
-        self.c.close()
         stop_group(self.proc)
         self.log.close()
 
@@ -158,37 +159,37 @@ class Pool:
 def run_attach(a, pool: Pool, model: str, name: str, extra_env: dict, workload: bool) -> dict:
     env = dict(os.environ, **extra_env)
     cache = cache_state(env)
-    pids = {w["slot"]: w["pid"] for w in pool.c.get("/workers").json()}
+    pids = {w.slot: w.pid for w in pool.client.workers()}
     t0 = time.perf_counter()
     inst = pool.attach(a, model, name, extra_env)
     t_health = time.perf_counter() - t0
-    out = first_completion(inst["url"], model)
+    out = first_completion(inst.url, model)
     t_first = time.perf_counter() - t0
     res = {"health_s": t_health, "first_completion_s": t_first, "cache": cache,
-           "phases": inst["phases"], "engine_host": inst.get("engine_host"), "output": out}
+           "phases": inst.phases, "engine_host": inst.engine_host, "output": out}
     if workload:
-        res["serving"] = serving(inst["url"], model, a)
+        res["serving"] = serving(inst.url, model, a)
     res["detach_s"] = pool.detach(name)
-    ws = pool.c.get("/workers").json()
+    ws = pool.client.workers()
     res["memory_after_detach"] = [
-        {"device": w["device"], "after_bytes": w["memory_bytes"],
-         "idle_bytes": w["baseline_bytes"], "delta_mib": (w["memory_bytes"] - w["baseline_bytes"]) / 2**20,
-         "state": w["state"], "same_pid": w["pid"] == pids.get(w["slot"])}
-        for w in ws if w["slot"] in inst["workers"]]
+        {"device": w.device, "after_bytes": w.memory_bytes,
+         "idle_bytes": w.baseline_bytes, "delta_mib": (w.memory_bytes - w.baseline_bytes) / 2**20,
+         "state": w.state.value, "same_pid": w.pid == pids.get(w.slot)}
+        for w in ws if w.slot in inst.workers]
     return res
 
 
 def run_swap(a, pool: Pool, model_a: str, model_b: str, extra_env: dict) -> dict:
     inst_a = pool.attach(a, model_a, "swap-a", extra_env)
-    first_completion(inst_a["url"], model_a)
+    first_completion(inst_a.url, model_a)
     t0 = time.perf_counter()
     pool.detach("swap-a")
     inst = pool.attach(a, model_b, "swap-b", extra_env)
-    first_completion(inst["url"], model_b)
+    first_completion(inst.url, model_b)
     t = time.perf_counter() - t0
     pool.detach("swap-b")
-    return {"swap_to_first_completion_s": t, "phases_b": inst["phases"],
-            "engine_host_b": inst.get("engine_host")}
+    return {"swap_to_first_completion_s": t, "phases_b": inst.phases,
+            "engine_host_b": inst.engine_host}
 
 
 # ---- serving workload -----------------------------------------------------------------

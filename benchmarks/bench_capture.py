@@ -41,13 +41,13 @@ def attach_once(a, pool: Pool, model: str, name: str, args: list[str]) -> dict:
     run.engine_args = [*a.engine_args, *args]
     t0 = time.perf_counter()
     inst = pool.attach(run, model, name, {})
-    out = first_completion(inst["url"], model)
-    res = {"first_completion_s": time.perf_counter() - t0, "phases": inst["phases"],
+    out = first_completion(inst.url, model)
+    res = {"first_completion_s": time.perf_counter() - t0, "phases": inst.phases,
            "output": out, "serving": {}}
     for c in a.concurrencies:
         w = copy.copy(a)
         w.concurrency = c
-        res["serving"][str(c)] = serving(inst["url"], model, w)
+        res["serving"][str(c)] = serving(inst.url, model, w)
     pool.detach(name)
     return res
 

@@ -23,11 +23,13 @@ import subprocess
 import sys
 import time
 
-import httpx
 from bench_attach import first_completion, stop_group
 from common import free_port, machine, start_run, wait_health
+from pool_calls import wait_pool
 
+from vllm_pool.client import PoolClient, PoolError
 from vllm_pool.compat import compile_cache_keys
+from vllm_pool.states import WorkerState
 
 
 def load_lines(text: str) -> list[str]:
@@ -121,34 +123,35 @@ def main() -> int:
              "--log-dir", log_dir, "--state-file", "none", *park],
             stdout=dl, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    c = httpx.Client(base_url=url, timeout=a.timeout)
+    c = PoolClient(url, timeout=a.timeout)
     attached: dict = {}
     try:
-        wait_health(url, pool, a.timeout)
-        while not all(w["state"] == "idle" for w in c.get("/workers").json()):
+        wait_pool(url, pool, a.timeout)
+        while not all(w.state is WorkerState.IDLE for w in c.workers()):
             time.sleep(0.5)  # kernel warm-up: not part of any attach below
         for label, model in (("A", a.model), ("A'", a.model_ft), ("C", a.model_c)):
             if model is None:
                 continue
             before, sizes = compile_cache_keys(root), worker_log_size(log_dir)
             t0 = time.perf_counter()
-            r = c.post("/instances", json={"model": model, "name": "share", "env": env,
-                                           "args": a.engine_args, "timeout_s": a.timeout})
-            if r.status_code != 201:
-                step(f"pool {label}", error=f"{r.status_code} {r.text[:2000]}")
+            try:
+                inst = c.attach({"model": model, "name": "share", "env": env,
+                                 "args": a.engine_args, "timeout_s": a.timeout})
+            except PoolError as e:
+                if e.status is None:
+                    raise
+                step(f"pool {label}", error=f"{e.status} {e.body[:2000]}")
                 return 1
-            inst = r.json()
-            out = first_completion(inst["url"], model)
+            out = first_completion(inst.url, model)
             secs = time.perf_counter() - t0
-            c.delete("/instances/share").raise_for_status()
-            while not all(w["state"] == "idle" for w in c.get("/workers").json()):
+            c.detach("share", timeout=a.timeout)
+            while not all(w.state is WorkerState.IDLE for w in c.workers()):
                 time.sleep(0.5)
             attached[label] = step(
                 f"pool {label}", seconds_to_first_completion=round(secs, 2),
-                phases=inst.get("phases"), output=out,
+                phases=inst.phases, output=out,
                 keys_added=sorted(compile_cache_keys(root) - before), log=worker_log_since(log_dir, sizes))
     finally:
-        c.close()
         stop_group(pool)
 
     r = plain(a, a.model_ft, env, os.path.join(log_dir, "plain-a-ft.log"))

@@ -29,6 +29,8 @@ import time
 import httpx
 from common import free_port, machine, wait_health
 
+from vllm_pool.client import PoolClient
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--max-num-seqs", "8", "--seed", "0"]
@@ -117,9 +119,7 @@ def main() -> int:
         t0 = time.perf_counter()
         timed_completion(c, gw, "m", 1)  # attaches the model
         first = time.perf_counter() - t0
-        inst = next(i for i in c.get(f"http://127.0.0.1:{port}/instances").json()
-                    if i["name"] == "m")
-        direct = inst["url"]
+        direct = PoolClient(f"http://127.0.0.1:{port}", timeout=600).instance("m").url
         for _ in range(10):  # warm both paths (connections, caches)
             timed_completion(c, direct, "m", a.max_tokens)
             timed_completion(c, gw, "m", a.max_tokens)

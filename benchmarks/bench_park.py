@@ -27,9 +27,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 from bench_attach import build_models, first_completion, stop_group
-from common import free_port, machine, start_run, wait_health
+from common import free_port, machine, start_run
+from pool_calls import detach_all, wait_pool
+
+from vllm_pool.api_models import InstanceInfo
+from vllm_pool.client import PoolClient, PoolError
 
 
 def gpu_mem_by_pid() -> dict[int, int]:
@@ -72,44 +75,43 @@ class ParkPool:
              "--log-dir", log_dir, "--enable-parking", "--wake-evicts", "park",
              "--state-file", "none"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_health(self.url, self.proc, a.timeout)
+        wait_pool(self.url, self.proc, a.timeout)
         self.ready_s = time.perf_counter() - t0
-        self.c = httpx.Client(base_url=self.url, timeout=a.timeout)
+        self.client = PoolClient(self.url, timeout=a.timeout)
+        self.timeout = a.timeout
 
-    def attach(self, a, model: str, name: str) -> tuple[dict, float, dict]:
-        """POST /instances to first completion: (instance, seconds, output)."""
+    def attach(self, a, model: str, name: str) -> tuple[InstanceInfo, float, dict]:
+        """POST /instances (201, or 200 for a wake) to first completion: (instance, seconds,
+        output)."""
         t0 = time.perf_counter()
-        r = self.c.post("/instances", json={"model": model, "tp": a.tp, "name": name,
-                                            "args": a.engine_args, "timeout_s": a.timeout})
-        if r.status_code not in (200, 201):
-            raise RuntimeError(f"attach {name} failed: {r.status_code} {r.text}")
-        inst = r.json()
-        out = first_completion(inst["url"], model)
+        inst = self.client.attach({"model": model, "tp": a.tp, "name": name,
+                                   "args": a.engine_args, "timeout_s": a.timeout})
+        out = first_completion(inst.url, model)
         return inst, time.perf_counter() - t0, out
 
     def park(self, name: str) -> float:
         t0 = time.perf_counter()
-        self.c.delete(f"/instances/{name}", params={"park": "true"}).raise_for_status()
+        self.client.detach(name, park=True, timeout=self.timeout)
         return time.perf_counter() - t0
 
-    def instance(self, name: str) -> dict:
-        return self.c.get(f"/instances/{name}").json()
-
-    def worker_pids(self, inst: dict) -> list[int]:
-        ws = self.c.get("/workers").json()
-        return [w["pid"] for w in ws if w.get("instance_id") == inst["id"]]
+    def worker_pids(self, inst: InstanceInfo) -> list[int]:
+        return [w.pid for w in self.client.workers() if w.instance_id == inst.id]
 
     def stop(self) -> None:
-        self.c.close()
         stop_group(self.proc)
         self.log.close()
 
 
-def parked_memory(pool: ParkPool, inst: dict, device: str) -> dict:
+def parked_memory(pool: ParkPool, inst: InstanceInfo, device: str) -> dict:
     """Device memory of the parked instance's worker processes (GPU), host memory (pool)."""
     time.sleep(1.0)  # the driver's accounting lags the release by a moment
-    info = pool.instance(inst["name"])
-    res = {"state": info.get("state"), "host_bytes": info.get("host_bytes")}
+    try:
+        info = pool.client.instance(inst.name)
+        res = {"state": info.state.value, "host_bytes": info.host_bytes}
+    except PoolError as e:  # gone, not parked: recorded (no state), not fatal
+        if e.status is None:
+            raise
+        res = {"state": None, "host_bytes": None}
     if device == "gpu":
         per_pid = gpu_mem_by_pid()
         pids = pool.worker_pids(inst)
@@ -162,11 +164,11 @@ def main() -> int:
                                  **parked_memory(pool, inst_a, a.device)})
             inst, t, out = pool.attach(a, model_a, "a")
             res["reattaches"].append({
-                "to_first_completion_s": t, "woken": inst.get("woken"),
-                "same_instance": inst["id"] == inst_a["id"] and inst["url"] == inst_a["url"],
-                "same_greedy_tokens": out == ref_a, "phases": inst.get("phases")})
+                "to_first_completion_s": t, "woken": inst.woken,
+                "same_instance": inst.id == inst_a.id and inst.url == inst_a.url,
+                "same_greedy_tokens": out == ref_a, "phases": inst.phases})
             print(f"[rep {rep}] park {res['parks'][-1]['park_s']:.2f}s, re-attach "
-                  f"{t:.2f}s, woken {inst.get('woken')}, same tokens {out == ref_a}", flush=True)
+                  f"{t:.2f}s, woken {inst.woken}, same tokens {out == ref_a}", flush=True)
         res["park_a_before_b_s"] = pool.park("a")
         inst_b, t, ref_b = pool.attach(a, model_b, "b")
         res["attach_b_cold_s"] = t
@@ -181,13 +183,12 @@ def main() -> int:
             model, ref = refs[to]
             inst, t, out = pool.attach(a, model, to)
             res["swaps"].append({"to": to, "to_first_completion_s": t,
-                                 "woken": inst.get("woken"), "same_greedy_tokens": out == ref})
-            print(f"[swap {rep}] -> {to}: {t:.2f}s, woken {inst.get('woken')}, same tokens "
+                                 "woken": inst.woken, "same_greedy_tokens": out == ref})
+            print(f"[swap {rep}] -> {to}: {t:.2f}s, woken {inst.woken}, same tokens "
                   f"{out == ref}", flush=True)
-        res["instances_end"] = pool.c.get("/instances").json()
-        for name in ("a", "b"):
-            pool.c.delete(f"/instances/{name}", params={"park": "false"})
-        res["workers_end"] = pool.c.get("/workers").json()
+        res["instances_end"] = [i.model_dump(mode="json") for i in pool.client.instances()]
+        detach_all(pool.client, ("a", "b"), a.timeout)
+        res["workers_end"] = [w.model_dump(mode="json") for w in pool.client.workers()]
     finally:
         pool.stop()
     summarize(res)

@@ -51,6 +51,9 @@ import time
 
 import httpx
 from common import free_port, machine, start_run, wait_health
+from pool_calls import detach_all, wait_pool
+
+from vllm_pool.client import PoolClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One request with several prompts: the first completion also gives the greedy tokens
@@ -229,7 +232,7 @@ def run_pool(a, cli: dict, models: dict, log_dir: str, env: dict, port_p: int,
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        wait_health(url, proc, a.timeout)
+        wait_pool(url, proc, a.timeout)
         res["ready_s"] = time.perf_counter() - t0
         print(f"pool ready in {res['ready_s']:.1f}s ({' '.join(argv[:3])} ...)", flush=True)
         t_seq = time.perf_counter()
@@ -244,9 +247,8 @@ def run_pool(a, cli: dict, models: dict, log_dir: str, env: dict, port_p: int,
                 if r["ok"] else f"FAILED: {r['error']}"), flush=True)
         res["sequence_s"] = time.perf_counter() - t_seq
         # Unmeasured clean-up of whatever a failed step left, then the route's overhead.
-        with httpx.Client(base_url=url, timeout=a.timeout) as c:
-            for inst in c.get("/instances").json():
-                c.delete(f"/instances/{inst['id']}", params={"park": "false"})
+        pool = PoolClient(url, timeout=a.timeout)
+        detach_all(pool, [i.id for i in pool.instances()], a.timeout)
         res["route"] = route_overhead(a, cli, url, env)
         ls = run_cmd([*route_prefix("vllm-pool"), "ls", "--pool", url, "--json"], 60, env)
         res["ls_end"] = json.loads(ls["stdout"]) if ls["rc"] == 0 else ls["stderr"]

@@ -36,15 +36,24 @@ def machine(device: str) -> str:
 
 
 def wait_health(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    """An engine's or the gateway's /health answers 200."""
+    def ok() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_ready(ok, url, proc, timeout)
+
+
+def wait_ready(ok, url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    """Poll `ok()` until true; the server's exit first, or the timeout, raises."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited ({proc.returncode}) before {url} was healthy")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if ok():
+            return
         time.sleep(0.05)
     raise TimeoutError(url)
 

@@ -19,10 +19,11 @@ import tempfile
 import threading
 import time
 
-import httpx
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attach import first_completion, free_port, stop_group, wait_health  # noqa: E402
+from bench_attach import first_completion, free_port, stop_group  # noqa: E402
+from pool_calls import wait_pool  # noqa: E402
+
+from vllm_pool.client import PoolClient, PoolError  # noqa: E402
 
 
 def main() -> int:
@@ -43,35 +44,37 @@ def main() -> int:
                                "--gpus", a.gpus, "--port", str(port), "--log-dir", log_dir],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     res: dict = {"gpus": a.gpus, "model": a.model}
-    c = httpx.Client(base_url=url, timeout=1800)
+    c = PoolClient(url, timeout=1800)
     try:
-        wait_health(url, daemon, 600)
+        wait_pool(url, daemon, 600)
         res["pool_ready_s"] = time.perf_counter() - t0
-        workers = c.get("/workers").json()
+        workers = c.workers()
         n = len(workers)
-        res["idle_memory_mib"] = [w["baseline_bytes"] / 2**20 for w in workers]
+        res["idle_memory_mib"] = [w.baseline_bytes / 2**20 for w in workers]
 
         def attach(name, tp, devices=None):
             t = time.perf_counter()
-            r = c.post("/instances", json={"model": a.model, "tp": tp, "name": name,
-                                           "devices": devices, "args": a.engine_args.split()})
-            if r.status_code != 201:
-                raise RuntimeError(f"attach {name}: {r.status_code} {r.text}")
-            inst = r.json()
-            out = first_completion(inst["url"], a.model)
-            return {"name": name, "tp": tp, "devices": inst["devices"],
+            try:
+                inst = c.attach({"model": a.model, "tp": tp, "name": name,
+                                 "devices": devices, "args": a.engine_args.split()})
+            except PoolError as e:  # the message lands in the JSON's errors: as before
+                if e.status is None:
+                    raise
+                raise RuntimeError(f"attach {name}: {e.status} {e.body}") from None
+            out = first_completion(inst.url, a.model)
+            return {"name": name, "tp": tp, "devices": inst.devices,
                     "attach_to_first_completion_s": time.perf_counter() - t,
-                    "phases": inst["phases"], "output": out["text"]}
+                    "phases": inst.phases, "output": out["text"]}
 
         def after_detach():
-            return [{"device": w["device"], "state": w["state"], "pid": w["pid"],
-                     "delta_mib": (w["memory_bytes"] - w["baseline_bytes"]) / 2**20}
-                    for w in c.get("/workers").json()]
+            return [{"device": w.device, "state": w.state.value, "pid": w.pid,
+                     "delta_mib": (w.memory_bytes - w.baseline_bytes) / 2**20}
+                    for w in c.workers()]
 
-        pids = [w["pid"] for w in workers]
+        pids = [w.pid for w in workers]
         res[f"tp{n}"] = attach(f"tp{n}", n)
         t = time.perf_counter()
-        c.delete(f"/instances/tp{n}").raise_for_status()
+        c.detach(f"tp{n}", timeout=1800)
         res[f"tp{n}"]["detach_s"] = time.perf_counter() - t
         res[f"tp{n}"]["after_detach"] = after_detach()
         print(json.dumps(res[f"tp{n}"], indent=1), flush=True)
@@ -94,12 +97,11 @@ def main() -> int:
         res["tp1_concurrent"] = {"wall_s": time.perf_counter() - t, "instances": singles,
                                  "errors": errors}
         for i in singles:
-            c.delete(f"/instances/single{i}").raise_for_status()
+            c.detach(f"single{i}", timeout=1800)
         res["tp1_concurrent"]["after_detach"] = after_detach()
-        res["same_pids_throughout"] = [w["pid"] for w in c.get("/workers").json()] == pids
+        res["same_pids_throughout"] = [w.pid for w in c.workers()] == pids
         print(json.dumps(res["tp1_concurrent"], indent=1), flush=True)
     finally:
-        c.close()
         stop_group(daemon)
         res["daemon_exit_code"] = daemon.returncode
         if a.output_json:

@@ -34,6 +34,10 @@ import urllib.error
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # vllm_pool from this checkout (the client; the tiny test models)
+from vllm_pool.client import PoolClient, PoolError  # noqa: E402
+from vllm_pool.states import WorkerState  # noqa: E402
+
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
                "--max-num-seqs", "4", "--seed", "0"]
 WORKER_SERIES = ("rss_bytes", "memory_bytes", "threads", "fds", "shm_maps", "shm_map_bytes",
@@ -41,8 +45,9 @@ WORKER_SERIES = ("rss_bytes", "memory_bytes", "threads", "fds", "shm_maps", "shm
 POOL_SERIES = ("shm_entries", "shm_unmapped_new", "run_dir_files")
 
 
-# ---- HTTP ---------------------------------------------------------------------------
+# ---- HTTP (the pool's control API goes through PoolClient) ---------------------------
 def call(method: str, url: str, body: dict | None = None, timeout: float = 900) -> tuple[int, dict]:
+    """An engine's endpoint: (status, decoded reply), whatever the status."""
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"content-type": "application/json"})
@@ -60,7 +65,7 @@ def wait_until(pred, timeout: float, what: str):
             v = pred()
             if v:
                 return v
-        except (OSError, urllib.error.URLError):
+        except (OSError, PoolError):  # not up yet, or answering 503 while it starts
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(what)
@@ -111,12 +116,12 @@ def all_shm_mapped() -> set[str]:
     return names
 
 
-def sample(pool_url: str, run_dir: str | None, shm_start: set[str]) -> dict:
+def sample(pool: PoolClient, run_dir: str | None, shm_start: set[str]) -> dict:
     workers = {}
-    for w in call("GET", pool_url + "/workers")[1]:
-        pid = w["pid"]
-        rec = {"pid": pid, "state": w["state"], "memory_bytes": w["memory_bytes"],
-               "memory_source": w.get("memory_source", "")}
+    for w in pool.workers():
+        pid = w.pid
+        rec = {"pid": pid, "state": w.state.value, "memory_bytes": w.memory_bytes,
+               "memory_source": w.memory_source}
         rec.update(proc_status(pid))
         rec["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
         maps = shm_mapped_by(pid)
@@ -124,7 +129,7 @@ def sample(pool_url: str, run_dir: str | None, shm_start: set[str]) -> dict:
         rec["shm_map_names"] = sorted(maps)
         rec["shm_map_bytes"] = shm_map_bytes(pid)
         rec["rss_minus_shm_bytes"] = rec["rss_bytes"] - rec["shm_map_bytes"]
-        workers[str(w["slot"])] = rec
+        workers[str(w.slot)] = rec
     shm = set(os.listdir("/dev/shm"))
     new = shm - shm_start
     files = 0
@@ -178,10 +183,15 @@ def vllm_version() -> str:
 def soak(pool_url: str, models: list[str], cycles: int, tp2_every: int, warmup: int,
          run_dir: str | None, engine_args: list[str], log=print,
          max_minutes: float | None = None) -> dict:
-    ws = call("GET", pool_url + "/workers")[1]
-    devices = [w["device"] for w in ws]
+    pool = PoolClient(pool_url, timeout=900)
+    ws = pool.workers()
+    devices = [w.device for w in ws]
     shm_start = set(os.listdir("/dev/shm"))
-    start_pids = {str(w["slot"]): w["pid"] for w in ws}
+    start_pids = {str(w.slot): w.pid for w in ws}
+
+    def all_idle() -> bool:
+        return all(w.state is WorkerState.IDLE for w in pool.workers())
+
     rows: list[dict] = []
     failures: list[dict] = []
     t_start = time.perf_counter()
@@ -195,32 +205,35 @@ def soak(pool_url: str, models: list[str], cycles: int, tp2_every: int, warmup: 
         if tp == 1:
             body["devices"] = [devices[i % len(devices)]]
         t0 = time.perf_counter()
-        st, inst = call("POST", pool_url + "/instances", body)
-        if st != 201:
+        try:
+            inst = pool.attach(body)
+        except PoolError as e:
+            if e.status is None:
+                raise
             # Counted, not fatal: the pool says it left itself as it was; the next cycle
             # shows whether it did. (Seen here: another process took the engine's port
             # between the pool picking it and the engine binding it.)
-            failures.append({"cycle": i, "status": st, "detail": inst})
-            log(f"cycle {i + 1}/{cycles}: attach failed ({st}): {inst}")
-            wait_until(lambda: all(w["state"] == "idle" for w in
-                                   call("GET", pool_url + "/workers")[1]), 300, "workers idle")
+            reply = json.loads(e.body or "null")  # recorded as the pool sent it
+            failures.append({"cycle": i, "status": e.status, "detail": reply})
+            log(f"cycle {i + 1}/{cycles}: attach failed ({e.status}): {reply}")
+            wait_until(all_idle, 300, "workers idle")
             continue
         t_attach = time.perf_counter() - t0
-        st, out = call("POST", inst["url"] + "/v1/completions",
+        st, out = call("POST", inst.url + "/v1/completions",
                        {"model": model, "prompt": "def main(", "max_tokens": 4,
                         "temperature": 0}, timeout=120)
         if st != 200 or not out["choices"][0]["text"]:
             raise RuntimeError(f"cycle {i}: completion returned {st}: {out}")
         t1 = time.perf_counter()
-        st, det = call("DELETE", pool_url + f"/instances/{inst['id']}")
-        if st != 200:
-            raise RuntimeError(f"cycle {i}: detach returned {st}: {det}")
-        wait_until(lambda: all(w["state"] == "idle" for w in
-                               call("GET", pool_url + "/workers")[1]), 300, "workers idle")
+        try:
+            pool.detach(inst.id, timeout=900)
+        except PoolError as e:
+            raise RuntimeError(f"cycle {i}: detach failed: {e}") from None
+        wait_until(all_idle, 300, "workers idle")
         t_detach = time.perf_counter() - t1
         row = {"cycle": i, "model": os.path.basename(model.rstrip("/")), "tp": tp,
                "attach_s": round(t_attach, 3), "detach_s": round(t_detach, 3)}
-        row.update(sample(pool_url, run_dir, shm_start))
+        row.update(sample(pool, run_dir, shm_start))
         rows.append(row)
         w0 = row["workers"][next(iter(row["workers"]))]
         log(f"cycle {i + 1}/{cycles}: {row['model']} TP={tp} attach {t_attach:.2f}s "
@@ -291,8 +304,9 @@ def start_pool(slots: int, log_dir: str) -> tuple[subprocess.Popen, str, str]:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: proc.poll() is None and call("GET", url + "/health")[0] == 200
-               or proc.poll() is not None, 300, "pool ready")
+    probe = PoolClient(url, timeout=900)
+    wait_until(lambda: proc.poll() is not None or probe.health().status == "ok", 300,
+               "pool ready")
     if proc.poll() is not None:
         raise SystemExit(f"pool exited with {proc.returncode}; see {log_dir}/daemon.log")
     return proc, url, str(port)
@@ -328,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     models = [a.model, a.model_b]
     if models[0] is None or models[1] is None:
-        sys.path.insert(0, ROOT)
         from vllm_pool.testing.tiny_model import build_model
 
         cache = os.path.join(ROOT, ".cache", "models")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
 import re
 import signal
@@ -26,6 +27,20 @@ if GPUS:
     # instance fit on one GPU at once (vLLM's default takes 92% and refuses the second).
     ENGINE_ARGS[1] = "bfloat16"
     ENGINE_ARGS += ["--gpu-memory-utilization", "0.4"]
+
+
+class JsonHandler(http.server.BaseHTTPRequestHandler):
+    """A stub server's request handler (in-process, for unit tests): quiet, JSON replies."""
+
+    def reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
 
 
 def gpu_memory_used_mib() -> int:

@@ -15,11 +15,12 @@ def test_gateway_plain_asgi_path_key_forwarding_and_errors():
 
     from starlette.testclient import TestClient
 
+    from tests import helpers
     from vllm_pool.gateway.app import build_gateway_app
     from vllm_pool.gateway.metrics import GatewayMetrics
     from vllm_pool.gateway.router import UnknownModel
 
-    class Upstream(http.server.BaseHTTPRequestHandler):
+    class Upstream(helpers.JsonHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["content-length"]))
             if json.loads(body).get("stream"):
@@ -29,16 +30,9 @@ def test_gateway_plain_asgi_path_key_forwarding_and_errors():
                 for ev in (b'data: {"n": 1}\n\n', b"data: [DONE]\n\n"):
                     self.wfile.write(ev)
                 return
-            out = json.dumps({"path": self.path, "auth": self.headers.get("authorization"),
-                              "body": json.loads(body)}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *a):
-            pass
+            self.reply(200, json.dumps({"path": self.path,
+                                        "auth": self.headers.get("authorization"),
+                                        "body": json.loads(body)}).encode())
 
     up = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
     threading.Thread(target=up.serve_forever, daemon=True).start()

@@ -25,11 +25,13 @@ def default_pool() -> str:
 
 
 class PoolError(Exception):
-    """A control call failed; `status` is the HTTP status, None if the pool was not reached."""
+    """A control call failed; `status` is the HTTP status, None if the pool was not reached;
+    `body` the error reply as the pool sent it ("" if none), for callers that report it."""
 
-    def __init__(self, msg: str, status: int | None = None):
+    def __init__(self, msg: str, status: int | None = None, body: str = ""):
         super().__init__(msg)
         self.status = status
+        self.body = body
 
 
 class PoolClient:
@@ -47,11 +49,13 @@ class PoolClient:
         try:
             return urllib.request.urlopen(req, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:
+            body = ""
             try:
-                detail = json.loads(e.read()).get("detail", e.reason)
+                body = e.read().decode(errors="replace")
+                detail = json.loads(body).get("detail", e.reason)
             except Exception:  # noqa: BLE001 - not our JSON: the status says enough
                 detail = e.reason
-            raise PoolError(f"HTTP {e.code}: {detail}", e.code) from None
+            raise PoolError(f"HTTP {e.code}: {detail}", e.code, body) from None
         except (urllib.error.URLError, OSError) as e:
             raise PoolError(f"cannot reach the pool at {self.url}: {e}") from None
 
@@ -87,6 +91,10 @@ class PoolClient:
 
     def instances(self) -> list[InstanceInfo]:
         return [InstanceInfo.model_validate(i) for i in self.request("GET", "/instances")]
+
+    def instance(self, ref: str) -> InstanceInfo:
+        """One instance by id or name; a PoolError with status 404 where there is none."""
+        return InstanceInfo.model_validate(self.request("GET", f"/instances/{_q(ref)}"))
 
     def attach(self, body: dict, timeout: float | None = None,
                on_event: Callable[[AttachEvent], None] | None = None) -> InstanceInfo:
