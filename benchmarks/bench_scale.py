@@ -28,6 +28,9 @@ import time
 
 import httpx
 from common import free_port, machine, wait_health
+from pool_calls import detach_all, wait_pool
+
+from vllm_pool.client import PoolClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
@@ -64,8 +67,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _detach_all(pools: list[str]) -> None:
     for p in pools:
-        for i in httpx.get(p + "/instances", timeout=60).json():
-            httpx.delete(f"{p}/instances/{i['id']}", timeout=600)
+        pool = PoolClient(p, timeout=60)
+        detach_all(pool, [i.id for i in pool.instances()], 600)
 
 
 def run_variant(a, pools: list[str], model: str, max_replicas: int, work: str,
@@ -188,7 +191,7 @@ def main() -> int:
                 started.append(proc)
                 pools = (pools or []) + [url]
             for proc, url in zip(started, pools):
-                wait_health(url, proc, 600)
+                wait_pool(url, proc, 600)
         runs = []
         for n in (1, a.replicas):
             _detach_all(pools)
