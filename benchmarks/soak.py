@@ -374,4 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM as an exit, so `finally` stops the pool this run started (it runs in a
+    # session of its own: nothing else would).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

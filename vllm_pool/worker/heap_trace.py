@@ -46,13 +46,15 @@ class HeapTrace:
         self.on = os.environ.get(ENV) == "1"
         self.first: tuple | None = None
         self.n = 0
-        if self.on:
-            tracemalloc.start(8)
 
     def after_detach(self, slot: int) -> None:
         if not self.on:
             return
         self.n += 1
+        if not tracemalloc.is_tracing():
+            # From the first detach on: tracing vLLM's import and the first attach would
+            # slow the worker's start several times over, and only the growth counts.
+            tracemalloc.start(8)
         now = (tracemalloc.take_snapshot(), _types(), _mallinfo())
         if self.first is None:
             self.first = now
