@@ -130,3 +130,13 @@ def test_a_packed_wake_that_may_not_evict_is_refused_and_stays_parked(gpu_pool):
     assert d.state == InstanceState.PARKED and p.evicted == []
     p.detach("a", park=True)
     assert p.wake(d, evict=False).state == InstanceState.SERVING
+
+
+def test_an_unpacked_wake_that_may_not_evict_is_refused_and_stays_parked(gpu_pool):
+    """evict=false means nothing is evicted, packed or not."""
+    p = gpu_pool
+    _serving(p, "a", None, last_used=1)
+    d = _parked(p, "d", None, last_used=0)
+    with pytest.raises(park_wake.AttachError) as e:
+        p.wake(d, evict=False)
+    assert e.value.status == 409 and d.state == InstanceState.PARKED and p.evicted == []

@@ -75,8 +75,9 @@ def wake(pool: Pool, inst: Instance, timeout: float = 900.0,
          room: Room | None = None, evict: bool = True) -> Instance:
     """Wake a parked instance for a re-attach; make room on its devices first: everything
     that serves there, or, for a packed instance (`room`), the least recently used of
-    them until its share fits. A packed wake without `evict` evicts nothing: 409 when its
-    share does not fit (the gateway then evicts by its own rule, which sees requests)."""
+    them until its share fits. A wake without `evict` evicts nothing: 409 unless its
+    devices are free or its share fits (the gateway then evicts by its own rule, which
+    sees requests)."""
     t0 = time.perf_counter()
     with pool.lock:
         if inst.state == _I.WAKING:
@@ -103,11 +104,15 @@ def _wake_held(pool: Pool, inst: Instance, timeout: float, room: Room | None, ev
         occupants = sorted((i for i in pool.instances.values() if i is not inst
                             and i.state == _I.SERVING and set(i.devices) & set(inst.devices)),
                            key=lambda i: i.last_used)
-    if room is not None and not evict and occupants and not room.fits():
-        with pool.lock:
-            transition(inst, _I.PARKED, [_I.WAKING])
-        raise AttachError(f"no room to wake {inst.name} on {inst.devices} beside "
-                          f"{[i.name for i in occupants]} (evict=false)", 409)
+    if not evict:
+        # Nothing is evicted: the instance wakes beside what serves only where its share
+        # fits (a packed instance), else it stays parked and the caller decides.
+        if occupants and not (room is not None and room.fits()):
+            with pool.lock:
+                transition(inst, _I.PARKED, [_I.WAKING])
+            raise AttachError(f"no room to wake {inst.name} on {inst.devices} beside "
+                              f"{[i.name for i in occupants]} (evict=false)", 409)
+        occupants = []
     for k, occ in enumerate(occupants):
         if room is not None and room.fits():
             logger.info("waking %s beside %d serving instances: its share fits", inst.name,

@@ -28,6 +28,11 @@ def rooms(pool: Pool) -> list[packing.Room]:
     return list(found.values()) if set(found) == set(pool.cfg.devices) else []
 
 
+def _acquire(pool: Pool, devices: list[str]) -> None:
+    for d in sorted(devices):  # one order for every holder: no deadlock between them
+        pool.device_locks[d].acquire()
+
+
 def _release(pool: Pool, devices: list[str]) -> None:
     for d in sorted(devices, reverse=True):
         pool.device_locks[d].release()
@@ -46,8 +51,7 @@ def place(pool: Pool, util: float, n: int, wanted: list[str] | None) -> list[str
         chosen = packing.choose(now, util, n, margin, wanted)
     except packing.NoRoom as e:
         raise AttachError(str(e), 409) from None
-    for d in sorted(chosen):
-        pool.device_locks[d].acquire()
+    _acquire(pool, chosen)
     try:
         packing.choose(rooms(pool), util, n, margin, chosen)
         # A packed attach gets a worker process of its own beside those already there.
@@ -71,9 +75,8 @@ class WakeRoom:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        devices = sorted(set(self.inst.devices))
-        for d in devices:
-            self.pool.device_locks[d].acquire()
+        devices = list(set(self.inst.devices))
+        _acquire(self.pool, devices)
         try:
             yield
         finally:
