@@ -204,12 +204,13 @@ def build_app(pool: Pool) -> FastAPI:
     @app.post("/instances/{ref}/wake", response_model=InstanceInfo,
               responses={404: {"description": "no such instance"},
                          409: {"description": "the instance is not parked, or (evict=false) "
-                                              "its share does not fit beside what serves"}})
+                                              "it does not fit beside what serves"}})
     async def wake(ref: str, timeout_s: float = Query(900.0, gt=0, le=7200),
                    evict: bool = Query(True, description=(
                        "make room by evicting what serves on its devices (a packed "
                        "instance: least recently used first, until its share fits); "
-                       "false: evict nothing, 409 when it does not fit"))) -> InstanceInfo:
+                       "false: evict nothing, 409 unless its devices are free or its "
+                       "share fits"))) -> InstanceInfo:
         """Wake a parked instance as it is (an attach with its settings does the same)."""
         inst = pool.find(ref)
         if inst is None:
