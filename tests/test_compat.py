@@ -186,3 +186,45 @@ print("ok")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_vllm_gc_freezes_leave_the_idle_heap_frozen(monkeypatch):
+    """keep_attach_heap_unfrozen: vLLM's worker-side freeze and unfreeze calls (end of
+    start-up, CUDA graph capture, Worker.shutdown, cleanup_dist_env_and_memory) leave the
+    frozen generation as the pool worker set it; every other gc call goes through."""
+    import gc
+    import importlib
+
+    from vllm_pool import compat
+
+    for name in compat.GC_FREEZE_SITES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, "gc", None) is gc:
+            monkeypatch.setattr(mod, "gc", gc)  # restored after the test
+    held = compat.keep_attach_heap_unfrozen()
+    assert compat.keep_attach_heap_unfrozen() == held  # idempotent
+    # Where each vLLM this pool supports freezes or unfreezes in the worker process.
+    assert {"vllm.utils.gc_utils", "vllm.v1.worker.gpu_worker",
+            "vllm.distributed.parallel_state"} <= set(held)
+    from vllm.utils import gc_utils
+
+    gc.collect()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        junk = [[i] for i in range(1000)]
+        gc_utils.freeze_gc_heap()  # vLLM's end-of-start-up freeze: collects, freezes nothing
+        assert gc.get_freeze_count() == frozen
+        for name in held:
+            mod = importlib.import_module(name)
+            mod.gc.unfreeze()
+            mod.gc.freeze()
+            assert gc.get_freeze_count() == frozen, name
+            assert mod.gc.collect is gc.collect and mod.gc.isenabled is gc.isenabled
+        del junk
+    finally:
+        gc.unfreeze()

@@ -452,13 +452,15 @@ class Pool:
             transition(inst, _I.DETACHING)
         t0 = time.perf_counter()
         self._stop_engine(inst)
+        t_engine = time.perf_counter() - t0
         self._reclaim(inst)
         with self.lock:
             self.instances.pop(inst.id, None)
             transition(inst, _I.FAILED if was_failed else _I.DETACHED)
         park_wake.trim_idle_workers(self, inst.devices)
         inst.phases["detach"] = time.perf_counter() - t0
-        logger.info("instance %s detached in %.2fs", inst.name, inst.phases["detach"])
+        logger.info("instance %s detached in %.2fs (engine stopped in %.2fs)", inst.name,
+                    inst.phases["detach"], t_engine)
         return inst
 
     def _stop_engine(self, inst: Instance) -> None:

@@ -14,6 +14,12 @@ gone: the server exits; its hosts end on EOF of their own order pipes.
 
 The server forks from its one thread: nothing else runs here, so a child inherits no lock
 held by another thread.
+
+It is also the hosts' child subreaper. A host's API server exits before the EngineCore it
+SIGKILLs is reaped, so EngineCore (and its helper) became zombies of PID 1, and the
+daemon's detach waited for the engine's process group to be gone until PID 1 got round to
+reaping them: 1.1-1.6 s of a 1.5 s CPU detach. Orphans now come here and are reaped at
+once (SIGCHLD wakes the loop); only the hosts it forked are reported.
 """
 
 from __future__ import annotations
@@ -27,7 +33,20 @@ from collections.abc import Callable
 from vllm_pool import messages
 
 
-def _reap(sock: socket.socket) -> None:
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def _become_subreaper() -> bool:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False  # orphans go to PID 1, as before: slower detaches, nothing wrong
+
+
+def _reap(sock: socket.socket, hosts: set[int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -35,7 +54,10 @@ def _reap(sock: socket.socket) -> None:
             return
         if pid == 0:
             return
-        _send(sock, messages.HostExited(pid=pid, returncode=os.waitstatus_to_exitcode(status)))
+        if pid in hosts:  # not an orphan of one of them
+            hosts.discard(pid)
+            _send(sock, messages.HostExited(pid=pid,
+                                            returncode=os.waitstatus_to_exitcode(status)))
 
 
 def _send(sock: socket.socket, msg) -> None:
@@ -45,10 +67,14 @@ def _send(sock: socket.socket, msg) -> None:
         pass  # the daemon is gone; EOF ends the loop
 
 
-def _child(sock: socket.socket, cmd_fd: int, log_fd: int, run_host: Callable) -> None:
+def _child(sock: socket.socket, wake: tuple[int, int], cmd_fd: int, log_fd: int,
+           run_host: Callable) -> None:
     code = 1
     try:
         sock.close()
+        signal.set_wakeup_fd(-1)
+        for fd in wake:
+            os.close(fd)
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.dup2(log_fd, 1)
@@ -74,11 +100,23 @@ def _child(sock: socket.socket, cmd_fd: int, log_fd: int, run_host: Callable) ->
 
 def serve(ctl_fd: int, run_host: Callable) -> None:
     sock = socket.socket(fileno=ctl_fd)
+    _become_subreaper()
+    wake = os.pipe()
+    for fd in wake:
+        os.set_blocking(fd, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so that it wakes the loop
+    signal.set_wakeup_fd(wake[1])
+    hosts: set[int] = set()
     _send(sock, messages.ServerReady(pid=os.getpid()))
     while True:
-        r, _, _ = select.select([sock], [], [], 0.2)
-        _reap(sock)
-        if not r:
+        r, _, _ = select.select([sock, wake[0]], [], [], 1.0)
+        if wake[0] in r:
+            try:
+                os.read(wake[0], 512)
+            except BlockingIOError:
+                pass
+        _reap(sock, hosts)
+        if sock not in r:
             continue
         try:
             data, fds, _, _ = socket.recv_fds(sock, 4096, 2)
@@ -95,7 +133,8 @@ def serve(ctl_fd: int, run_host: Callable) -> None:
             continue
         pid = os.fork()
         if pid == 0:
-            _child(sock, fds[0], fds[1], run_host)
+            _child(sock, wake, fds[0], fds[1], run_host)
+        hosts.add(pid)
         for fd in fds:
             os.close(fd)
         _send(sock, messages.Forked(seq=req.seq, pid=pid))

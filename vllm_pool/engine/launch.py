@@ -291,11 +291,31 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return
+        if not _live_members(pgid):
+            return  # zombies only: they hold no memory or descriptors, and their reaper reaps
         time.sleep(0.05)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are not zombies (from /proc; [] where unreadable)."""
+    live = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return [pgid]
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != b"Z":
+            live.append(pid)
+    return live
 
 
 def health_ok(url: str, timeout: float = 1.0) -> bool:

@@ -115,6 +115,7 @@ class PoolWorker:
             compat.register_sleep_backend(sleep_backend.NAME, sleep_backend.__name__,
                                           sleep_backend.KeptCopyBackend.__name__)
         compat.key_startup_plan_by_memory_share()
+        compat.keep_attach_heap_unfrozen()
         if not compat.share_compile_cache_by_architecture():
             logger.warning("compile cache stays per model path: a compile-key site is missing")
         for part, secs in compat.prepay_once_per_process(self.device).items():
@@ -221,10 +222,12 @@ class PoolWorker:
         if instance_id is None:
             return
         # Every reference to the attach's objects is gone with the session's frame.
+        t0 = time.perf_counter()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         dirty = clean_check(self.device, self.baseline, self.slack, self.context_allowance)
+        checked_s = time.perf_counter() - t0
         if dirty:
             from vllm_pool.worker.reset import describe_live_objects
 
@@ -236,13 +239,14 @@ class PoolWorker:
             os._exit(1)
         over = (memory_in_use(self.device) - self.baseline.device_bytes) / 2**20
         if self.device.type == "cuda":
-            logger.info("worker %d clean after detach of %s: own device memory %+.0f MiB over idle "
-                        "(PyTorch %+.0f MiB; the rest is CUDA context kept for the next "
-                        "attach)", self.slot, instance_id, over,
+            logger.info("worker %d clean after detach of %s (checked in %.2fs): own device "
+                        "memory %+.0f MiB over idle (PyTorch %+.0f MiB; the rest is CUDA "
+                        "context kept for the next attach)", self.slot, instance_id,
+                        checked_s, over,
                         (torch_reserved(self.device) - self.baseline.torch_bytes) / 2**20)
         else:
-            logger.info("worker %d clean after detach of %s: RSS %+.0f MiB over idle",
-                        self.slot, instance_id, over)
+            logger.info("worker %d clean after detach of %s (checked in %.2fs): RSS %+.0f MiB "
+                        "over idle", self.slot, instance_id, checked_s, over)
         if kernel_warmup:
             # The pool's kernel warm-up attach: what it leaves loaded (kernel modules, the
             # Triton and cuBLAS state) is this process's idle footprint from now on, and

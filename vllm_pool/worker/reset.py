@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ class ProcessSnapshot:
     class_bases: dict[type, tuple] = field(default_factory=dict)
     bytecode_hooks: set[int] = field(default_factory=set)
     dynamo_globals: set[tuple[str, str]] = field(default_factory=set)
+    frozen: int = 0  # gc.get_freeze_count(): the idle heap, frozen before the attach
 
     @classmethod
     def take(cls) -> "ProcessSnapshot":
@@ -41,7 +43,8 @@ class ProcessSnapshot:
                    sigterm=signal.getsignal(signal.SIGTERM),
                    sigint=signal.getsignal(signal.SIGINT),
                    bytecode_hooks=set(compat.dynamo_bytecode_hooks()),
-                   dynamo_globals=compat.dynamo_installed_globals())
+                   dynamo_globals=compat.dynamo_installed_globals(),
+                   frozen=gc.get_freeze_count())
 
     def remember_worker_class(self, vllm_config: Any) -> None:
         """worker_extension_cls rewrites the worker class's bases in place."""
@@ -80,9 +83,15 @@ class ProcessSnapshot:
 
 def teardown(proc: Any, snap: ProcessSnapshot) -> None:
     """Release everything a PoolWorkerProc built. Never raises."""
-    # vLLM freezes the GC heap after start-up (freeze_gc_heap): frozen objects are never
-    # collected, so the whole model runner, KV cache included, would survive the detach.
-    steps = [("gc unfreeze", gc.unfreeze)]
+    # Frozen objects are never collected: had anything frozen the attach's objects (a
+    # vLLM freeze that compat.keep_attach_heap_unfrozen does not hold), the model runner
+    # would survive the detach. Unfreezing brings the idle heap back too, and every
+    # collection below would scan all of it: so only then.
+    steps = []
+    if gc.get_freeze_count() > snap.frozen:
+        logger.info("the attach froze %d objects: unfreezing the whole heap",
+                    gc.get_freeze_count() - snap.frozen)
+        steps.append(("gc unfreeze", gc.unfreeze))
     if proc is not None:
         steps += [
             ("async output thread", proc.stop_async_output_thread),
@@ -117,11 +126,18 @@ def teardown(proc: Any, snap: ProcessSnapshot) -> None:
     else:
         # vLLM's CPU TP communicator keeps its shared segments mapped until process exit.
         steps.append(("cpu tp shared memory", compat.release_cpu_tp_mappings))
+    took: dict[str, float] = {}
+    t_all = time.perf_counter()
     for name, step in steps:
+        t0 = time.perf_counter()
         try:
             step()
         except Exception as e:  # keep going: the clean check decides the worker's fate
             logger.warning("teardown step %s failed: %s", name, e)
+        took[name] = took.get(name, 0.0) + time.perf_counter() - t0
+    slow = sorted(took.items(), key=lambda kv: -kv[1])[:4]
+    logger.info("teardown took %.2fs (%s)", time.perf_counter() - t_all,
+                ", ".join(f"{n} {t:.2f}s" for n, t in slow))
 
 
 def _clear_cumem_error() -> None:
@@ -479,8 +495,9 @@ def freeze_idle_heap(collect: bool = True) -> None:
 
     vLLM's model loader runs gc.collect() twice per load; over an unfrozen warm heap that
     cost 1.2 s of a CPU attach. vLLM freezes its own heap after warm-up the same way; the
-    teardown's gc.unfreeze() brings everything back, so the clean check after a detach sees
-    every object, and the heap is frozen again only once that check has passed.
+    attach's objects stay unfrozen (compat.keep_attach_heap_unfrozen), so the teardown's
+    collections and the clean check after a detach scan those, not the import heap; what
+    survives a clean detach is frozen here once that check has passed.
     """
     if collect:
         gc.collect()
