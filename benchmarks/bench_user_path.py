@@ -236,7 +236,10 @@ def run_pool(a, cli: dict, models: dict, log_dir: str, env: dict, port_p: int,
         res["ready_s"] = time.perf_counter() - t0
         print(f"pool ready in {res['ready_s']:.1f}s ({' '.join(argv[:3])} ...)", flush=True)
         t_seq = time.perf_counter()
+        only = a.pool_steps.split(",") if a.pool_steps else None
         for st in steps(a.cycles):
+            if only is not None and st[0] not in only:
+                continue
             r = pool_step(a, cli, url, models, st, port_p, env)
             res["steps"].append(r)
             checkpoint()
@@ -654,6 +657,9 @@ def main() -> int:
     p.add_argument("--plain-steps", default=None,
                    help="comma list of the steps plain vLLM runs (overrides --plain); with "
                         "--plain-park sleep, attach_a_to_park and wake_a go together")
+    p.add_argument("--pool-steps", default=None,
+                   help="comma list of the steps the pool runs (default: all; wake_a needs "
+                        "attach_a_to_park before it); a partial run's targets read 'not run'")
     p.add_argument("--plain-park", choices=["restart", "sleep"], default="restart")
     p.add_argument("--side", choices=["both", "pool", "plain"], default="both")
     p.add_argument("--combine", nargs="+", metavar="JSON", default=None,
