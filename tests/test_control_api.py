@@ -154,5 +154,7 @@ def test_request_size_limit(idle_pool, model_a):
         status_line = s.recv(4096).split(b"\r\n", 1)[0]
     assert status_line.startswith(b"HTTP/1.1 4"), status_line
     # GETs still answer, and nothing changed.
-    assert pool.client.get("/health").status_code == 200
+    health = pool.client.get("/health")
+    assert health.status_code == 200
+    assert health.json()["packs"] is False  # CPU workers: one model per device
     assert _snapshot(pool) == before

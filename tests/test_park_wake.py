@@ -140,3 +140,24 @@ def test_an_unpacked_wake_that_may_not_evict_is_refused_and_stays_parked(gpu_poo
     with pytest.raises(park_wake.AttachError) as e:
         p.wake(d, evict=False)
     assert e.value.status == 409 and d.state == InstanceState.PARKED and p.evicted == []
+
+
+def test_health_says_whether_the_pool_packs(gpu_pool, tmp_path):
+    """/health's `packs` is the pool's own placement rule (the gateway reads it, rather than
+    repeating the rule): true while every device has NVML's figures, false otherwise."""
+    from fastapi.testclient import TestClient
+
+    from vllm_pool.daemon.api import build_app
+
+    for w in list(gpu_pool.workers.values()):
+        if w.state == WorkerState.STARTING:  # the pool's own worker: idle
+            w.spawn()
+            gpu_pool._on_event(w, messages.Idle(pid=1))
+    _serving(gpu_pool, "a", 0.3, 1.0)
+    client = TestClient(build_app(gpu_pool))
+    r = client.get("/health")
+    assert r.status_code == 200, r.text
+    assert r.json()["packs"] is True
+    for w in gpu_pool.workers.values():
+        w.device_uuid = None  # no NVML reading for the device: one model per device
+    assert client.get("/health").json()["packs"] is False

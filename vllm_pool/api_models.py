@@ -130,3 +130,5 @@ class Health(BaseModel):
     engine_hosts_ready: bool = Field(description="an attach gets a forked engine host at once "
                                      "(the pool's engine fork server is warm)")
     parking: bool = Field(False, description="started with --enable-parking")
+    packs: bool = Field(False, description="attaches are placed by GPU memory, several per "
+                        "GPU (every device has NVML's figures); else one model per device")

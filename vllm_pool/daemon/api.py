@@ -145,7 +145,8 @@ def build_app(pool: Pool) -> FastAPI:
         if pool.stopping or not ok or not pool.engines.ready():
             raise HTTPException(503, "pool is starting, stopping or respawning a worker")
         return Health(status="ok", workers=len(ws), idle=idle, instances=len(pool.instances),
-                      engine_hosts_ready=pool.engines.ready(), parking=pool.cfg.parking)
+                      engine_hosts_ready=pool.engines.ready(), parking=pool.cfg.parking,
+                      packs=placement.packs(pool))
 
     @app.get("/workers", response_model=list[WorkerInfo])
     def workers() -> list[WorkerInfo]:

@@ -28,6 +28,11 @@ def rooms(pool: Pool) -> list[packing.Room]:
     return list(found.values()) if set(found) == set(pool.cfg.devices) else []
 
 
+def packs(pool: Pool) -> bool:
+    """The pool places attaches by GPU memory now (rooms), several per GPU."""
+    return bool(rooms(pool))
+
+
 def _acquire(pool: Pool, devices: list[str]) -> None:
     for d in sorted(devices):  # one order for every holder: no deadlock between them
         pool.device_locks[d].acquire()

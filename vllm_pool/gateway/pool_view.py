@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Protocol
 
-from vllm_pool.api_models import InstanceInfo, PhaseEvent, StartedEvent
+from vllm_pool.api_models import Health, InstanceInfo, PhaseEvent, StartedEvent
 from vllm_pool.client import PoolClient, PoolError
 from vllm_pool.daemon import allocator, placement
 from vllm_pool.daemon.errors import AttachError
@@ -102,7 +102,7 @@ class LocalPool:
 
     def packs(self) -> bool:
         """The pool places attaches by GPU memory (daemon/packing.py), several per GPU."""
-        return bool(placement.rooms(self.pool))
+        return placement.packs(self.pool)
 
     def workers(self) -> tuple[dict[int, str], set[int]]:
         """Every worker's device by slot, and the slots an attach may take now."""
@@ -121,7 +121,6 @@ class RemotePool:
         self.url = self.client.url
         self.reachable = False
         self.parking = False
-        self._settings = False  # parking read from /health
         self._lock = threading.Lock()
         self._instances: dict[str, InstanceInfo] = {}
         self._devices: dict[int, str] = {}
@@ -148,8 +147,8 @@ class RemotePool:
         deadline = time.monotonic() + wait
         while True:
             try:
-                self.parking = self._call(self.client.health).parking
-                self._settings = True
+                h = self._call(self.client.health)
+                self.parking, self._packs = h.parking, h.packs
                 break
             except AttachError:
                 if time.monotonic() >= deadline:
@@ -162,11 +161,9 @@ class RemotePool:
 
     def refresh(self) -> None:
         try:
-            if not self._settings:  # a pool found after the gateway started
-                self.parking = self._call(self.client.health).parking
-                self._settings = True
             insts = self._call(self.client.instances)
             workers = self._call(self.client.workers)
+            health = self._settings()
         except AttachError as e:
             self.reachable, self.last_error = False, str(e)
             return
@@ -176,11 +173,19 @@ class RemotePool:
             # As the pool's allocator sees them: a warming worker is not free yet.
             self._states = {w.slot: WorkerState.STARTING if w.state == WorkerState.WARMING
                             else w.state for w in workers}
-            # As Pool.rooms: every GPU has NVML's figures, so the pool packs by memory.
-            self._packs = bool(workers) and all(
-                w.device.startswith("cuda") and w.memory_source == "nvml"
-                and w.device_total_bytes for w in workers)
+            if health is not None:  # the pool's own rule, not a copy of it here
+                self.parking, self._packs = health.parking, health.packs
         self.reachable, self.last_error = True, None
+
+    def _settings(self) -> Health | None:
+        """/health; None while it answers 503 (starting, stopping or respawning a worker):
+        the settings stay as last read."""
+        try:
+            return self.client.health()
+        except PoolError as e:
+            if e.status == 503:
+                return None
+            raise AttachError(str(e), e.status or 503) from None
 
     def _put(self, inst: InstanceInfo) -> InstanceInfo:
         with self._lock:
