@@ -27,6 +27,12 @@ Rules:
   replica names, `<name>.r2` ...) is that entry's, so a gateway that finds instances already
   running adopts them instead of attaching twice; a pool that stops answering is routed
   around, and what it runs is adopted again when it answers.
+
+Why about 750 lines: the policies are pure modules already (replicas.py, queue.py,
+pools.py); what stays here is their one shared bookkeeping (models, replicas, the waiting
+and blocked requests) and the event-loop tasks that change it (request admission,
+bring-up, wake, eviction, the reaper, adoption). Split by task, each part would read and
+write the others' records between awaits, which is what the single loop keeps safe.
 """
 
 from __future__ import annotations
@@ -422,6 +428,8 @@ class Router:
                 if plan.kind == "wake":
                     if await self._wake(m, plan.member, plan.inst, reason):
                         return
+                    if reason == "cold":  # it waits for room like any other
+                        self.blocked[m.name] = m.oldest_wait or time.monotonic()
                     continue
                 if await self._attach(m, plan, reason):
                     return
@@ -567,6 +575,16 @@ class Router:
                  if n != owner.name and self._helps(self.models[n], r)]
         return min(since, default=None)
 
+    def _next_on(self, m: Model, devices: list[str]) -> bool:
+        """No model that waited longer for room on `devices` is still waiting: `m` may take
+        them. (A holder whose turn is over is evicted for the model that waited longest;
+        its own waiting requests must not take the device back before that model came.)"""
+        mine = self.blocked.get(m.name, m.oldest_wait or time.monotonic())
+        ahead = {n: t for n, t in self.blocked.items() if n != m.name and (
+            not self.models[n].entry.devices or set(devices) & set(self.models[n].entry.devices))}
+        ahead[m.name] = mine
+        return queue.first_in_line(ahead) == m.name
+
     def _victims(self, m: Model, member: PoolMember, urgent: bool) -> list[tuple[Model, Replica]]:
         """Replicas on the pool that may be evicted for `m`, least recently used first: no
         request in flight, lingered or out of turn (queue.py), never below an entry's
@@ -603,11 +621,19 @@ class Router:
         without evicting and, on 409 for room, evicts the least recently used replica on
         its devices, one at a time; otherwise every replica on its devices goes first."""
         packed = member.view.packs() and inst.gpu_memory_utilization is not None
+        if reason == "cold" and not self._next_on(m, list(inst.devices)):
+            await self._wait_change(1.0)  # a model that waited longer goes first
+            return False
         if not packed:
             occupants = [(v, r) for v in self.models.values() if v is not m for r in v.live
                          if r.pool == member.key
                          and set(r.instance.devices) & set(inst.devices)]
-            if any(r.in_flight or v.waiting for v, r in occupants):
+            now = time.monotonic()
+            # The grouped queue's rule, as for any eviction: the occupant drains and has
+            # lingered, or its turn is over (queue.may_evict).
+            if not all(queue.may_evict(r.in_flight, v.waiting, r.last_used, r.since,
+                                       self._contended_since(v, r), now, self.policy)
+                       for v, r in occupants):
                 await self._wait_change(1.0)
                 return False
             for v, r in occupants:
