@@ -6,7 +6,7 @@ from __future__ import annotations
 def test_referrer_chain_names_the_holder():
     import torch
 
-    from vllm_pool.worker.reset import describe_live_tensors, referrer_chain
+    from vllm_pool.worker.leak_report import describe_live_tensors, referrer_chain
 
     class Runner:
         pass

@@ -11,7 +11,7 @@ Every state change goes through states.transition. Beside this module: engines.p
 process an engine runs in), park_wake.py (parking), kernel_warmup.py (a new worker's
 warm-up attach), reclaim.py (shared memory and run directories), arg_policy.py,
 placement.py (which GPUs a packed attach takes, and their locks).
-Why about 480 lines: attach (lease, launch, wait) and the mapping of worker events to
+Why about 530 lines: attach (lease, launch, wait) and the mapping of worker events to
 states are one state machine over the same instance and worker records; split further
 they would reach into each other's private state.
 """

@@ -229,7 +229,7 @@ class PoolWorker:
         dirty = clean_check(self.device, self.baseline, self.slack, self.context_allowance)
         checked_s = time.perf_counter() - t0
         if dirty:
-            from vllm_pool.worker.reset import describe_live_objects
+            from vllm_pool.worker.leak_report import describe_live_objects
 
             logger.error("worker %d unclean after detach of %s: %s; exiting to be respawned\n%s",
                          self.slot, instance_id, dirty,
