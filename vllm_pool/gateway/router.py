@@ -565,9 +565,11 @@ class Router:
     # ---- who gives way: the grouped queue ----------------------------------------------
     def _helps(self, m: Model, r: Replica) -> bool:
         """Evicting `r` frees devices `m` can use (any, or one `m` is pinned to)."""
-        if not m.entry.devices:
-            return True
-        return bool(set(r.instance.devices) & set(m.entry.devices))
+        return self._helps_on(m, r.instance.devices)
+
+    @staticmethod
+    def _helps_on(m: Model, devices) -> bool:
+        return not m.entry.devices or bool(set(devices) & set(m.entry.devices))
 
     def _contended_since(self, owner: Model, r: Replica) -> float | None:
         """Since when another model has waited for the device(s) of `r` (None: no one)."""
@@ -575,14 +577,14 @@ class Router:
                  if n != owner.name and self._helps(self.models[n], r)]
         return min(since, default=None)
 
-    def _next_on(self, m: Model, devices: list[str]) -> bool:
-        """No model that waited longer for room on `devices` is still waiting: `m` may take
-        them. (A holder whose turn is over is evicted for the model that waited longest;
-        its own waiting requests must not take the device back before that model came.)"""
-        mine = self.blocked.get(m.name, m.oldest_wait or time.monotonic())
-        ahead = {n: t for n, t in self.blocked.items() if n != m.name and (
-            not self.models[n].entry.devices or set(devices) & set(self.models[n].entry.devices))}
-        ahead[m.name] = mine
+    def _next_on(self, m: Model, devices, holder: Model | None = None) -> bool:
+        """No model that waited longer for room on `devices` is still waiting (the
+        `holder` of them aside): `m` may take them. (A holder whose turn is over is evicted
+        for the model that waited longest; its own waiting requests must not take the
+        device back before that model came.)"""
+        ahead = {n: t for n, t in self.blocked.items() if n not in (m.name, holder and
+                 holder.name) and self._helps_on(self.models[n], devices)}
+        ahead[m.name] = self.blocked.get(m.name, m.oldest_wait or time.monotonic())
         return queue.first_in_line(ahead) == m.name
 
     def _victims(self, m: Model, member: PoolMember, urgent: bool) -> list[tuple[Model, Replica]]:
@@ -590,7 +592,6 @@ class Router:
         request in flight, lingered or out of turn (queue.py), never below an entry's
         `min`, and (for requests that wait) no model waiting longer is helped by it."""
         now = time.monotonic()
-        mine = self.blocked.get(m.name, m.oldest_wait or now)
         out: list[tuple[Model, Replica]] = []
         for v in self.models.values():
             if v is m:
@@ -604,12 +605,8 @@ class Router:
                 if not queue.may_evict(r.in_flight, v.waiting, r.last_used, r.since,
                                        self._contended_since(v, r), now, self.policy):
                     continue
-                if urgent:
-                    ahead = {n: t for n, t in self.blocked.items() if n != v.name
-                             and self._helps(self.models[n], r)}
-                    ahead[m.name] = mine
-                    if queue.first_in_line(ahead) != m.name:
-                        continue
+                if urgent and not self._next_on(m, r.instance.devices, holder=v):
+                    continue
                 out.append((v, r))
         return sorted(out, key=lambda vr: vr[1].last_used)
 
